@@ -1,0 +1,234 @@
+"""The decode loop: base model with its KV cache, heads with theirs, one token a step.
+
+Every step runs the base model once with ``output_hidden_states=True``; the
+tap layer's hidden state of the new token feeds the heads' incremental step,
+so the trace costs no second pass over the text.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass, field
+
+import torch
+
+from models.base import BaseModel
+from models.heads import ConstraintHeads, HeadsCache
+
+logger = logging.getLogger(__name__)
+
+
+class PromptTooLongError(ValueError):
+    """The prompt plus the requested tokens do not fit in the model's context."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, context_length: int):
+        self.prompt_tokens, self.max_tokens, self.context_length = prompt_tokens, max_tokens, context_length
+        super().__init__(
+            f"the prompt is {prompt_tokens} tokens and max_tokens is {max_tokens}, together "
+            f"{prompt_tokens + max_tokens}, but the model's context holds {context_length} tokens. "
+            "Shorten the prompt or lower max_tokens.")
+
+
+@dataclass
+class SamplingParams:
+    """How one request samples; temperature 0 means greedy."""
+
+    max_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None  # None draws a fresh seed, recorded on the session
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TokenTrace:
+    """One token of the sequence with what every constraint head made of it."""
+
+    position: int  # index in the whole prompt + output sequence
+    token_id: int
+    text: str
+    logprob: float | None  # None for prompt tokens
+    scores: dict[str, float]
+    attention: dict[str, list[tuple[int, float]]]  # constraint → top-k (position, weight), heaviest first
+
+
+class ConstraintModel:
+    """A base model with its constraint heads, ready to decode."""
+
+    def __init__(self, base: BaseModel, heads: ConstraintHeads, top_k_attention: int = 5):
+        self.base = base
+        self.heads = heads.to(base.device)
+        self.top_k_attention = top_k_attention
+        self.eos_token_ids = base.eos_token_ids()
+
+    @property
+    def constraints(self) -> list[str]:
+        return self.heads.config.constraints
+
+    def encode(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None) -> list[int]:
+        """Tokenize a raw prompt, or apply the chat template to messages."""
+        tokenizer = self.base.tokenizer
+        if messages is not None:
+            if not tokenizer.chat_template:
+                raise ValueError(f"model {self.base.name} has no chat template; send `prompt` instead of `messages`")
+            encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+        return tokenizer(prompt, add_special_tokens=True).input_ids
+
+    def start(self, input_ids: list[int], params: SamplingParams) -> "DecodeSession":
+        if len(input_ids) + params.max_tokens > self.base.context_length:
+            raise PromptTooLongError(len(input_ids), params.max_tokens, self.base.context_length)
+        return DecodeSession(self, input_ids, params)
+
+    def trace_tokens(self, start: int, token_ids: list[int], pieces: list[str], logprobs: list[float | None],
+                     constraint_logits: torch.Tensor, attention_weights: torch.Tensor) -> list[TokenTrace]:
+        """Turn the heads' output for consecutive positions into token traces.
+
+        Args:
+            constraint_logits: (t, C) for the positions start .. start + t - 1.
+            attention_weights: (C, t, T) each constraint's attention over all positions.
+        """
+        scores = torch.sigmoid(constraint_logits.float()).tolist()
+        k = min(self.top_k_attention, attention_weights.shape[-1])
+        top_weights, top_positions = attention_weights.float().topk(k, dim=-1)  # (C, t, k)
+        top_weights, top_positions = top_weights.tolist(), top_positions.tolist()
+        traces = []
+        for offset, token_id in enumerate(token_ids):
+            attention = {}
+            for c, constraint in enumerate(self.constraints):
+                visible = min(k, start + offset + 1)  # a token sees only itself and earlier ones
+                attention[constraint] = list(zip(top_positions[c][offset][:visible], top_weights[c][offset][:visible]))
+            traces.append(TokenTrace(start + offset, token_id, pieces[offset], logprobs[offset],
+                                     dict(zip(self.constraints, scores[offset])), attention))
+        return traces
+
+
+class DecodeSession:
+    """One request's decoding state: KV caches, sampler, text and stop handling."""
+
+    def __init__(self, model: ConstraintModel, input_ids: list[int], params: SamplingParams):
+        self.model = model
+        self.params = params
+        self.seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self.generator = torch.Generator(device=model.base.device).manual_seed(self.seed)
+        self.prompt_ids = list(input_ids)
+        self.output_ids: list[int] = []
+        self.prompt_trace: list[TokenTrace] = []
+        self.output_trace: list[TokenTrace] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self._decoded = ""  # decoded text of the output tokens so far, special tokens kept
+        self._visible = ""  # output text without special tokens, before stop truncation
+        self._past_key_values = None
+        self._heads_cache: HeadsCache | None = None
+        self._next_logits: torch.Tensor | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @torch.inference_mode()
+    def prefill(self) -> list[TokenTrace]:
+        """Run the prompt through the base model and the heads; return the prompt's trace."""
+        input_ids = torch.tensor([self.prompt_ids], device=self.model.base.device)
+        outputs = self.model.base.model(input_ids=input_ids, use_cache=True, output_hidden_states=True,
+                                        logits_to_keep=1)
+        self._past_key_values = outputs.cache
+        self._next_logits = outputs.logits[0, -1].float()
+        heads_out = self._run_heads(outputs.hidden_states)
+
+        tokenizer = self.model.base.tokenizer
+        pieces = [tokenizer.decode([token_id]) for token_id in self.prompt_ids]
+        self.prompt_trace = self.model.trace_tokens(0, self.prompt_ids, pieces, [None] * len(self.prompt_ids),
+                                                    heads_out.constraint_logits[0], heads_out.attention_weights[0])
+        return self.prompt_trace
+
+    def _run_heads(self, hidden_states: tuple[torch.Tensor, ...]):
+        tap = hidden_states[self.model.heads.config.tap_layer].to(self.model.heads.readout_bias.dtype)
+        heads_out = self.model.heads(tap, cache=self._heads_cache)
+        self._heads_cache = heads_out.cache
+        return heads_out
+
+    @torch.inference_mode()
+    def step(self) -> TokenTrace:
+        """Sample the next token, run it through both models, and return its trace."""
+        if self._next_logits is None:
+            self.prefill()
+        token_id, logprob = self._sample(self._next_logits)
+        position = len(self.prompt_ids) + len(self.output_ids)
+        self.output_ids.append(token_id)
+        piece = self._append_text(token_id)
+
+        outputs = self.model.base.model(input_ids=torch.tensor([[token_id]], device=self.model.base.device),
+                                        cache=self._past_key_values, use_cache=True,
+                                        output_hidden_states=True)
+        self._past_key_values = outputs.cache
+        self._next_logits = outputs.logits[0, -1].float()
+        heads_out = self._run_heads(outputs.hidden_states)
+        trace = self.model.trace_tokens(position, [token_id], [piece], [logprob],
+                                        heads_out.constraint_logits[0], heads_out.attention_weights[0])[0]
+        self.output_trace.append(trace)
+        self._update_finish_reason(token_id)
+        return trace
+
+    def _sample(self, logits: torch.Tensor) -> tuple[int, float]:
+        logprobs = torch.log_softmax(logits, dim=-1)
+        if self.params.temperature == 0:
+            token_id = int(torch.argmax(logits))
+        else:
+            probs = torch.softmax(logits / self.params.temperature, dim=-1)
+            if self.params.top_p < 1.0:
+                probs = _top_p_filter(probs, self.params.top_p)
+            token_id = int(torch.multinomial(probs, 1, generator=self.generator))
+        return token_id, float(logprobs[token_id])
+
+    def _append_text(self, token_id: int) -> str:
+        """Decode the output so far and return the new token's text piece.
+
+        A token that ends inside a multi-byte character decodes to U+FFFD; its
+        piece stays empty and the next token carries the whole character.
+        """
+        tokenizer = self.model.base.tokenizer
+        decoded = tokenizer.decode(self.output_ids, clean_up_tokenization_spaces=False)
+        if decoded.endswith("\ufffd"):
+            return ""
+        piece = decoded[len(self._decoded):]
+        self._decoded = decoded
+        if token_id not in self.model.eos_token_ids:
+            self._visible = tokenizer.decode(self.output_ids, skip_special_tokens=True,
+                                             clean_up_tokenization_spaces=False)
+        return piece
+
+    def _update_finish_reason(self, token_id: int) -> None:
+        stop_at = _find_stop(self._visible, self.params.stop)
+        if stop_at is not None:
+            self.text, self.finish_reason = self._visible[:stop_at], "stop"
+            return
+        self.text = self._visible
+        if token_id in self.model.eos_token_ids:
+            self.finish_reason = "stop"
+        elif len(self.output_ids) >= self.params.max_tokens:
+            self.finish_reason = "length"
+
+    def run(self) -> list[TokenTrace]:
+        """Decode until a finish condition; return the output trace."""
+        while not self.finished:
+            self.step()
+        return self.output_trace
+
+
+def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches ``top_p``."""
+    sorted_probs, sorted_ids = probs.sort(descending=True)
+    cumulative = sorted_probs.cumsum(-1)
+    outside = cumulative - sorted_probs >= top_p  # mass before this token already reaches top_p
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    return torch.zeros_like(probs).scatter(-1, sorted_ids, sorted_probs)
+
+
+def _find_stop(text: str, stop: list[str]) -> int | None:
+    """Return where the earliest stop sequence starts in ``text``, if any."""
+    found = [text.find(sequence) for sequence in stop if sequence]
+    found = [index for index in found if index >= 0]
+    return min(found) if found else None

@@ -1,0 +1,177 @@
+"""Constraint heads: dedicated attention heads beside a frozen base model.
+
+Each constraint owns ``heads_per_constraint`` attention heads with their own
+query, key and value projections over the residual stream at one tap layer
+of the base model. A head attends causally over the sequence so far, and the
+constraint's heads are read out to one logit per token; score = sigmoid(logit).
+All heads of all constraints run as one batched multi-head attention.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from models.base import fingerprint_tensors
+
+WEIGHTS_FILE = "heads.safetensors"
+CONFIG_FILE = "heads.json"
+METRICS_FILE = "metrics.json"
+CARD_FILE = "MODEL_CARD.md"
+
+
+class HeadsMismatchError(ValueError):
+    """A head checkpoint was trained on different base-model weights."""
+
+
+@dataclass
+class HeadsConfig:
+    """Shape and identity of a head checkpoint, stored as heads.json."""
+
+    constraints: list[str]
+    d_model: int
+    tap_layer: int  # index into hidden_states: 0 is the embedding output
+    d_head: int = 64
+    heads_per_constraint: int = 2
+    thresholds: dict[str, float] = field(default_factory=dict)
+    base_model: str = ""
+    base_fingerprint: str = ""
+    name: str = "constraint-heads"  # recorded with every judgment made with these heads
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.constraints) * self.heads_per_constraint
+
+    def threshold(self, constraint: str) -> float:
+        return self.thresholds.get(constraint, 0.5)
+
+
+@dataclass
+class HeadsCache:
+    """The heads' own key/value cache for incremental decoding."""
+
+    head_keys: torch.Tensor  # (B, n_heads, T, d_head)
+    head_values: torch.Tensor  # (B, n_heads, T, d_head)
+    key_mask: torch.Tensor  # (B, T) bool, False at padding
+
+    @property
+    def length(self) -> int:
+        return self.head_keys.shape[2]
+
+
+@dataclass
+class HeadsOutput:
+    constraint_logits: torch.Tensor  # (B, t, C)
+    attention_weights: torch.Tensor  # (B, C, t, T): each constraint's heads averaged
+    cache: HeadsCache
+
+
+class ConstraintHeads(nn.Module):
+    def __init__(self, config: HeadsConfig):
+        super().__init__()
+        self.config = config
+        width = config.num_heads * config.d_head
+        self.norm = nn.LayerNorm(config.d_model)
+        self.q_proj = nn.Linear(config.d_model, width)
+        self.k_proj = nn.Linear(config.d_model, width)
+        self.v_proj = nn.Linear(config.d_model, width)
+        # One readout row per constraint over the concatenated outputs of its heads.
+        per_constraint = config.heads_per_constraint * config.d_head
+        self.readout_weight = nn.Parameter(torch.randn(len(config.constraints), per_constraint) / math.sqrt(per_constraint))
+        self.readout_bias = nn.Parameter(torch.zeros(len(config.constraints)))
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.config.num_heads, self.config.d_head).transpose(1, 2)  # (B, n, T, d)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: HeadsCache | None = None) -> HeadsOutput:
+        """Score ``t`` new positions given everything in ``cache`` before them.
+
+        Args:
+            hidden_states: (B, t, d_model) tap-layer residual stream of the new positions.
+            attention_mask: (B, t) with 1 for real tokens and 0 for padding; default all real.
+            cache: keys and values of earlier positions; None for a full-sequence pass.
+
+        Returns the constraint logits of the new positions, each constraint's
+        attention over all positions so far, and the extended cache.
+        """
+        B, t, _ = hidden_states.shape
+        cfg = self.config
+        normed = self.norm(hidden_states)
+        query = self._split_heads(self.q_proj(normed))
+        key = self._split_heads(self.k_proj(normed))
+        value = self._split_heads(self.v_proj(normed))
+
+        new_mask = torch.ones(B, t, dtype=torch.bool, device=hidden_states.device) if attention_mask is None \
+            else attention_mask.to(torch.bool)
+        if cache is not None:
+            key = torch.cat([cache.head_keys, key], dim=2)
+            value = torch.cat([cache.head_values, value], dim=2)
+            new_mask = torch.cat([cache.key_mask, new_mask], dim=1)
+        T = key.shape[2]
+
+        # Causal mask: new position i sits at absolute position T - t + i.
+        offset = T - t
+        causal = torch.ones(t, T, dtype=torch.bool, device=key.device).tril(diagonal=offset)
+        allowed = causal[None, None] & new_mask[:, None, None, :]  # (B, 1, t, T)
+        scores = query @ key.transpose(-1, -2) / math.sqrt(cfg.d_head)
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        weights = scores.softmax(dim=-1)  # (B, n, t, T)
+        attended = weights @ value  # (B, n, t, d)
+
+        C, H = len(cfg.constraints), cfg.heads_per_constraint
+        per_constraint = attended.view(B, C, H, t, cfg.d_head).permute(0, 3, 1, 2, 4).reshape(B, t, C, H * cfg.d_head)
+        constraint_logits = (per_constraint * self.readout_weight).sum(-1) + self.readout_bias
+        constraint_weights = weights.view(B, C, H, t, T).mean(dim=2)
+        return HeadsOutput(constraint_logits, constraint_weights, HeadsCache(key, value, new_mask))
+
+    def fingerprint(self) -> str:
+        return fingerprint_tensors(self.state_dict())
+
+
+def save_checkpoint(directory: Path, heads: ConstraintHeads, metrics: dict | None = None,
+                    model_card: str | None = None) -> None:
+    """Write a head checkpoint directory: weights, config, and optionally metrics and card."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: tensor.detach().to("cpu", torch.float32).contiguous() for name, tensor in heads.state_dict().items()}
+    save_file(tensors, str(directory / WEIGHTS_FILE))
+    (directory / CONFIG_FILE).write_text(json.dumps(asdict(heads.config), indent=2) + "\n")
+    if metrics is not None:
+        (directory / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    if model_card is not None:
+        (directory / CARD_FILE).write_text(model_card)
+
+
+def read_heads_config(directory: Path) -> HeadsConfig:
+    config_path = directory / CONFIG_FILE
+    if not config_path.exists():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}: not a head checkpoint directory")
+    return HeadsConfig(**json.loads(config_path.read_text()))
+
+
+def load_checkpoint(directory: Path, base_fingerprint: str | None = None) -> ConstraintHeads:
+    """Load heads from ``directory``; reject them if made for other base weights.
+
+    Args:
+        base_fingerprint: the loaded base model's fingerprint; None skips the check
+            (only for inspecting a checkpoint without its base model).
+    """
+    config = read_heads_config(directory)
+    if base_fingerprint is not None and config.base_fingerprint != base_fingerprint:
+        raise HeadsMismatchError(
+            f"head checkpoint {directory} was trained on base model {config.base_model!r} with fingerprint "
+            f"{config.base_fingerprint}, but the loaded base model has fingerprint {base_fingerprint}. "
+            "Load the base model these heads were trained on, or train heads for this model "
+            "with `tracehead heads train`.")
+    heads = ConstraintHeads(config)
+    heads.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+    heads.eval()
+    heads.requires_grad_(False)
+    return heads

@@ -1,0 +1,60 @@
+"""GET /v1/judgments and /v1/judgments/{id}: read the audit store."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from starlette.concurrency import run_in_threadpool
+
+from server.dependencies import RuntimeDep
+from server.errors import ApiError
+from server.records import list_item_body, record_body
+from server.schemas import JudgmentList, JudgmentRecordResponse
+from server.store import JudgmentQuery
+
+router = APIRouter(tags=["judgments"])
+
+
+def _aware(name: str, value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        raise ApiError(422, f"{name}={value.isoformat()} has no timezone; add one, e.g. {value.isoformat()}Z",
+                       param=name, code="invalid_value")
+    return value
+
+
+@router.get("/v1/judgments", response_model=JudgmentList)
+async def list_judgments(
+    runtime: RuntimeDep,
+    since: Annotated[datetime | None, Query(description="Created at or after this time (ISO 8601 with zone).")] = None,
+    until: Annotated[datetime | None, Query(description="Created before this time (ISO 8601 with zone).")] = None,
+    constraint: Annotated[str | None, Query(description="Constraint that min_score, max_score and passed apply to.")] = None,
+    min_score: Annotated[float | None, Query(ge=0, le=1)] = None,
+    max_score: Annotated[float | None, Query(ge=0, le=1)] = None,
+    passed: Annotated[bool | None, Query(description="Only judgments where `constraint` passed (true) or failed (false).")] = None,
+    flagged: Annotated[bool | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=64, description="next_cursor of the previous page.")] = None,
+) -> dict:
+    known = runtime.model.constraints
+    if constraint is not None and constraint not in known:
+        raise ApiError(422, f"unknown constraint {constraint!r}; known: {', '.join(known)}", param="constraint",
+                       code="invalid_value")
+    try:
+        query = JudgmentQuery(_aware("since", since), _aware("until", until), constraint, min_score, max_score,
+                              passed, flagged)
+    except ValueError as exc:
+        raise ApiError(422, str(exc), code="invalid_value") from exc
+    page = await run_in_threadpool(runtime.store.list, query, limit, cursor)
+    return {"object": "list", "data": [list_item_body(record, known) for record in page.items],
+            "next_cursor": page.next_cursor}
+
+
+@router.get("/v1/judgments/{judgment_id}", response_model=JudgmentRecordResponse)
+async def get_judgment(judgment_id: str, runtime: RuntimeDep) -> dict:
+    record = await run_in_threadpool(runtime.store.get, judgment_id)
+    if record is None:
+        raise ApiError(404, f"judgment {judgment_id[:80]!r} not found; list judgments with GET /v1/judgments",
+                       type="not_found_error", param="judgment_id", code="judgment_not_found")
+    return record_body(record)

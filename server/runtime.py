@@ -1,0 +1,60 @@
+"""What a running server holds: settings, the model, the worker and the audit store."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from sqlalchemy import Engine
+
+from models.base import fetch_default_model, is_model_dir_complete, load_base_model
+from models.decode import ConstraintModel
+from models.heads import load_checkpoint
+from server.settings import Settings
+from server.store import AuditStore, create_engine_for, upgrade_database
+from server.worker import GenerationWorker
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    model: ConstraintModel
+    heads_fingerprint: str
+    worker: GenerationWorker
+    engine: Engine
+    store: AuditStore
+
+    def close(self) -> None:
+        self.worker.stop()
+        self.engine.dispose()
+
+
+def ensure_default_model(settings: Settings) -> None:
+    """Fetch and convert the default model if the settings name it and it is missing."""
+    if settings.uses_default_model and not is_model_dir_complete(Path(settings.model_path)):
+        logger.info("Default model missing at %s; fetching it", settings.model_path)
+        fetch_default_model(settings.cache_dir / "models", progress=logger.info)
+
+
+def load_model(settings: Settings) -> ConstraintModel:
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    ensure_default_model(settings)
+    base = load_base_model(settings.model_path, settings.torch_device, settings.torch_dtype)
+    heads = load_checkpoint(settings.heads_path, base.fingerprint)
+    return ConstraintModel(base, heads, settings.top_k_attention)
+
+
+def build_runtime(settings: Settings, model: ConstraintModel | None = None) -> Runtime:
+    """Open the store (migrating it), load the model unless given, start the worker."""
+    engine = create_engine_for(settings.resolved_database_url)
+    upgrade_database(engine)
+    model = model or load_model(settings)
+    worker = GenerationWorker(model, settings.max_queue, settings.queue_retry_after_s)
+    worker.start()
+    return Runtime(settings, model, model.heads.fingerprint(), worker, engine,
+                   AuditStore(engine))

@@ -1,0 +1,164 @@
+"""Request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_LENGTH = 64
+MAX_METADATA_KEYS = 16
+MAX_METADATA_KEY_LENGTH = 64
+MAX_METADATA_VALUE_LENGTH = 512
+MAX_SEED = 2**63 - 1
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=1_000_000)
+
+
+class GenerateRequest(BaseModel):
+    """A generation: exactly one of ``prompt`` (raw text) or ``messages`` (chat template applied)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = Field(None, description="Raw prompt text, sent to the model as it is.")
+    messages: list[ChatMessage] | None = Field(None, min_length=1, description="Chat messages; the model's chat template is applied.")
+    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate; default and limit come from the server settings.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="Sampling temperature; 0 is greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass in (0, 1].")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed for reproducible sampling; the used seed is stored either way.")
+    stop: list[str] | None = Field(None, description=f"Up to {MAX_STOP_SEQUENCES} strings that end generation; not included in the text.")
+    metadata: dict[str, str] | None = Field(None, description=f"Up to {MAX_METADATA_KEYS} string pairs stored with the judgment.")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        if len(value) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(value)}")
+        for sequence in value:
+            if not sequence:
+                raise ValueError("stop sequences must not be empty strings")
+            if len(sequence) > MAX_STOP_LENGTH:
+                raise ValueError(f"a stop sequence may be at most {MAX_STOP_LENGTH} characters, got {len(sequence)}")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _check_metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return value
+        if len(value) > MAX_METADATA_KEYS:
+            raise ValueError(f"at most {MAX_METADATA_KEYS} metadata keys are allowed, got {len(value)}")
+        for key, item in value.items():
+            if not key or len(key) > MAX_METADATA_KEY_LENGTH:
+                raise ValueError(f"metadata key {key[:80]!r} must be 1 to {MAX_METADATA_KEY_LENGTH} characters")
+            if len(item) > MAX_METADATA_VALUE_LENGTH:
+                raise ValueError(f"metadata value of {key!r} is {len(item)} characters; the limit is {MAX_METADATA_VALUE_LENGTH}")
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("prompt must not be empty or only whitespace")
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one_input(self) -> "GenerateRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send exactly one of `prompt` or `messages`")
+        return self
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ConstraintVerdict(BaseModel):
+    score: float = Field(description="Score of the last judged token, in [0, 1].")
+    min_score: float = Field(description="Lowest score over the judged tokens.")
+    min_position: int = Field(description="Sequence position of the lowest-scoring token.")
+    threshold: float = Field(description="Calibrated threshold of the head checkpoint.")
+    passed: bool = Field(description="score >= threshold.")
+
+
+class JudgmentSummary(BaseModel):
+    flagged: bool = Field(description="True when any constraint failed.")
+    constraints: dict[str, ConstraintVerdict]
+
+
+class TraceToken(BaseModel):
+    position: int = Field(description="Index in the whole prompt + output sequence.")
+    token_id: int
+    text: str
+    logprob: float | None = Field(description="Log-probability under the model; null for prompt tokens.")
+    scores: dict[str, float] = Field(description="Score per constraint after this token.")
+    attention: dict[str, list[tuple[int, float]]] = Field(
+        description="Per constraint, the most attended earlier positions as [position, weight], heaviest first.")
+
+
+class Trace(BaseModel):
+    constraints: list[str]
+    prompt_tokens: list[TraceToken]
+    output_tokens: list[TraceToken]
+
+
+class GenerateResponse(BaseModel):
+    id: str = Field(description="Judgment id; GET /v1/judgments/{id} returns the stored record.")
+    object: Literal["judgment"] = "judgment"
+    created_at: datetime
+    model: str
+    heads: str
+    text: str
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+    judgment: JudgmentSummary
+    trace: Trace
+
+
+class JudgmentRecordResponse(GenerateResponse):
+    """A stored judgment with everything the request sent and how it ran."""
+
+    request_id: str
+    completed_at: datetime
+    status: str
+    input: dict = Field(description='{"prompt": ...} or {"messages": [...]} as sent.')
+    parameters: dict
+    metadata: dict[str, str]
+    latency_ms: float
+    model_fingerprint: str
+    heads_fingerprint: str
+
+
+class JudgmentListItem(BaseModel):
+    id: str
+    created_at: datetime
+    model: str
+    heads: str
+    text: str
+    finish_reason: str
+    flagged: bool
+    usage: Usage
+    judgment: JudgmentSummary
+    metadata: dict[str, str]
+
+
+class JudgmentList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JudgmentListItem]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")

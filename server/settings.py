@@ -1,0 +1,88 @@
+"""Server settings: one class, read from TRACEHEAD_* environment variables."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.base import DEFAULT_MODEL_NAME
+
+BUNDLED_HEADS = Path(__file__).resolve().parent.parent / "models" / "default_heads"
+
+
+def _xdg_dir(variable: str, fallback: str) -> Path:
+    return Path(os.environ.get(variable) or Path.home() / fallback) / "tracehead"
+
+
+class Settings(BaseSettings):
+    """Every tunable of the server. Defaults run on a laptop: CPU, SQLite, the bundled model."""
+
+    model_config = SettingsConfigDict(env_prefix="TRACEHEAD_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address the HTTP server binds to.")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port of the HTTP server.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level of the server.")
+
+    model: str = Field(DEFAULT_MODEL_NAME, description=(
+        "Base model: the bundled default's name (fetched into cache_dir on first use), "
+        "a transformers causal-LM directory, or a hub id."))
+    heads_path: Path = Field(BUNDLED_HEADS, description="Head checkpoint directory trained for the base model.")
+    cache_dir: Path = Field(default_factory=lambda: _xdg_dir("XDG_CACHE_HOME", ".cache"),
+                            description="Where the default model and cached hidden states are stored.")
+    data_dir: Path = Field(default_factory=lambda: _xdg_dir("XDG_DATA_HOME", ".local/share"),
+                           description="Where the SQLite audit database lives unless database_url is set.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL of the audit store; default sqlite in data_dir.")
+
+    device: str = Field("cpu", description="Torch device: auto, cpu, cuda or cuda:N.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="Base model precision; auto picks bfloat16 on CUDA and float32 on CPU.")
+    threads: int | None = Field(None, ge=1, description="Torch CPU threads; default lets torch decide.")
+
+    max_queue: int = Field(16, ge=1, description="Requests waiting for the worker before new ones get 429.")
+    queue_retry_after_s: int = Field(2, ge=1, description="Retry-After seconds sent with a 429.")
+    max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
+    default_max_tokens: int = Field(128, ge=1, description="max_tokens when a request leaves it out.")
+    top_k_attention: int = Field(5, ge=1, le=64, description="Attended positions kept per token and constraint.")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
+
+    @cached_property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"TRACEHEAD_DEVICE={self.device} but torch sees no CUDA device; "
+                             "install a CUDA build of torch or set TRACEHEAD_DEVICE=cpu")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return getattr(torch, self.dtype)
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'tracehead.db'}"
+
+    @property
+    def uses_default_model(self) -> bool:
+        return self.model == DEFAULT_MODEL_NAME
+
+    @property
+    def model_path(self) -> str:
+        """What to load: the converted default model's directory, or ``model`` as given."""
+        if self.uses_default_model:
+            return str(self.cache_dir / "models" / DEFAULT_MODEL_NAME)
+        return self.model

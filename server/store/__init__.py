@@ -1,0 +1,28 @@
+"""The audit store: judgments, their verdicts and traces in a SQL database."""
+
+from server.store.db import create_engine_for, database_revision, head_revision, upgrade_database
+from server.store.repository import (
+    AuditStore,
+    InvalidCursorError,
+    JudgmentPage,
+    JudgmentQuery,
+    JudgmentRecord,
+    StoreUnavailableError,
+    VerdictRecord,
+    new_judgment_id,
+)
+
+__all__ = [
+    "AuditStore",
+    "InvalidCursorError",
+    "JudgmentPage",
+    "JudgmentQuery",
+    "JudgmentRecord",
+    "StoreUnavailableError",
+    "VerdictRecord",
+    "create_engine_for",
+    "database_revision",
+    "head_revision",
+    "new_judgment_id",
+    "upgrade_database",
+]

@@ -1,0 +1,85 @@
+"""Engine setup and schema migrations for the audit store."""
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+
+import migrations
+
+logger = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
+
+# busy_timeout is in milliseconds: a writer waits this long for another
+# connection's write lock before SQLite raises "database is locked".
+SQLITE_BUSY_TIMEOUT_MS = 5000
+
+
+def create_engine_for(url: str) -> Engine:
+    """Create an engine for ``url``, with durable settings on SQLite.
+
+    For a SQLite file the parent directory is created first. Every SQLite
+    connection gets WAL journaling, synchronous=FULL, enforced foreign keys
+    and a busy timeout. With FULL, SQLite syncs the WAL file at every commit,
+    so a committed judgment survives a killed process and an OS crash.
+    """
+    parsed = make_url(url)
+    is_sqlite = parsed.get_backend_name() == "sqlite"
+    if is_sqlite and parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+    # hide_parameters keeps prompts and outputs out of error messages and logs.
+    engine = create_engine(url, pool_pre_ping=True, hide_parameters=True)
+    if is_sqlite:
+        event.listen(engine, "connect", _set_sqlite_pragmas)
+    return engine
+
+
+def _set_sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        # busy_timeout goes first, because switching to WAL needs a lock.
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cursor.close()
+
+
+def _alembic_config() -> Config:
+    config = Config()
+    # configparser treats "%" as interpolation, so a literal one is doubled.
+    config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    return config
+
+
+def upgrade_database(engine: Engine) -> None:
+    """Apply all pending Alembic revisions to the database of ``engine``."""
+    config = _alembic_config()
+    logger.info("upgrading database schema to revision %s", head_revision())
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+    logger.info("database schema is at revision %s", database_revision(engine))
+
+
+def database_revision(engine: Engine) -> str | None:
+    """Return the Alembic revision of the database, or None if it has none yet."""
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def head_revision() -> str:
+    """Return the newest Alembic revision in ``migrations/versions``."""
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    if head is None:
+        raise RuntimeError(f"no Alembic revision found in {MIGRATIONS_DIR / 'versions'}")
+    return head

@@ -1,0 +1,148 @@
+"""SQLAlchemy mappings of the audit store tables.
+
+The schema itself is created by the Alembic revisions in ``migrations/``. A
+change here needs a new revision, and a test compares the two.
+"""
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+# Fixed names for constraints and indexes, so that migrations can refer to them
+# on every backend. SQLite would otherwise leave them unnamed.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware datetime stored as naive UTC.
+
+    SQLite drops the offset, so every backend gets the same naive UTC value and
+    reads return it with ``timezone.utc`` attached. Binding a naive datetime
+    raises ValueError, because its offset is unknown.
+    """
+
+    impl = DateTime(timezone=False)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"Naive datetime {value.isoformat()} has no UTC offset. Pass a timezone-aware datetime.")
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Judgment(Base):
+    """One generation request with its output and the model and heads that judged it."""
+
+    __tablename__ = "judgments"
+    __table_args__ = (
+        Index(None, "created_at"),
+        Index(None, "flagged", "created_at"),
+    )
+
+    # UUIDv7 in canonical text form, so that ids sort by creation time.
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    completed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    request_id: Mapped[str] = mapped_column(String(128))
+    model_name: Mapped[str] = mapped_column(String(255))
+    model_fingerprint: Mapped[str] = mapped_column(String(128))
+    heads_name: Mapped[str] = mapped_column(String(255))
+    heads_fingerprint: Mapped[str] = mapped_column(String(128))
+    # {"prompt": "..."} or {"messages": [{"role": ..., "content": ...}, ...]}
+    prompt: Mapped[dict[str, Any]] = mapped_column(JSON)
+    output: Mapped[str] = mapped_column(Text)
+    parameters: Mapped[dict[str, Any]] = mapped_column(JSON)
+    finish_reason: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(32))
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    flagged: Mapped[bool] = mapped_column(Boolean)
+    # The column is "metadata", but declarative classes reserve that attribute name.
+    metadata_: Mapped[dict[str, str]] = mapped_column("metadata", JSON)
+
+    verdicts: Mapped[list["Verdict"]] = relationship(
+        back_populates="judgment",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        order_by="Verdict.constraint",
+    )
+    # lazy="raise" makes an accidental trace load in a list query fail loudly.
+    # Readers that want the trace request it with a loader option.
+    trace: Mapped["Trace | None"] = relationship(
+        back_populates="judgment",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        lazy="raise",
+    )
+
+
+class Verdict(Base):
+    """The outcome of one constraint for one judgment."""
+
+    __tablename__ = "verdicts"
+    __table_args__ = (
+        Index(None, "constraint", "score"),
+        Index(None, "constraint", "passed"),
+    )
+
+    judgment_id: Mapped[str] = mapped_column(
+        ForeignKey("judgments.id", ondelete="CASCADE"), primary_key=True
+    )
+    constraint: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # Scores are sigmoid outputs in [0, 1]. score is the value at the last token.
+    score: Mapped[float] = mapped_column(Float)
+    min_score: Mapped[float] = mapped_column(Float)
+    # Index of the token with the minimum score in the prompt + output sequence.
+    min_position: Mapped[int] = mapped_column(Integer)
+    threshold: Mapped[float] = mapped_column(Float)
+    passed: Mapped[bool] = mapped_column(Boolean)
+
+    judgment: Mapped[Judgment] = relationship(back_populates="verdicts")
+
+
+class Trace(Base):
+    """The per-token constraint trace of one judgment."""
+
+    __tablename__ = "traces"
+
+    judgment_id: Mapped[str] = mapped_column(
+        ForeignKey("judgments.id", ondelete="CASCADE"), primary_key=True
+    )
+    # Version of the layout of ``data``, so that readers can handle older rows.
+    format_version: Mapped[int] = mapped_column(Integer)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+    judgment: Mapped[Judgment] = relationship(back_populates="trace")

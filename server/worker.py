@@ -1,0 +1,96 @@
+"""The generation worker: one thread that owns the model and serves a bounded queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from models.decode import ConstraintModel, SamplingParams, TokenTrace
+from server.errors import QueueFullError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationResult:
+    prompt_trace: list[TokenTrace]
+    output_trace: list[TokenTrace]
+    text: str
+    finish_reason: str
+    seed: int
+    queued_ms: float
+    generation_ms: float
+
+
+@dataclass
+class _Job:
+    request_id: str
+    input_ids: list[int]
+    params: SamplingParams
+    future: Future
+    enqueued_at: float
+
+
+class GenerationWorker:
+    """Runs requests one after another on a dedicated thread.
+
+    Requests wait in a queue of ``max_queue`` entries; a full queue raises
+    QueueFullError at once rather than letting a client wait unboundedly.
+    """
+
+    def __init__(self, model: ConstraintModel, max_queue: int, retry_after_s: int):
+        self.model = model
+        self.max_queue, self.retry_after_s = max_queue, retry_after_s
+        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
+        self._thread = threading.Thread(target=self._run, name="generation-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        logger.info("Generation worker started (queue of %d)", self.max_queue)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Finish the request in progress and the queued ones, then end the thread."""
+        if not self._thread.is_alive():
+            return
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+        logger.info("Generation worker stopped")
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    async def generate(self, request_id: str, input_ids: list[int], params: SamplingParams) -> GenerationResult:
+        job = _Job(request_id, input_ids, params, Future(), time.perf_counter())
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            logger.warning("Queue full, rejecting request %s", request_id)
+            raise QueueFullError(self.max_queue, self.retry_after_s) from None
+        return await asyncio.wrap_future(job.future)
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            if not job.future.set_running_or_notify_cancel():
+                continue
+            try:
+                job.future.set_result(self._generate(job))
+            except Exception as exc:  # the error travels to the waiting request, which maps it
+                logger.exception("Generation failed for request %s", job.request_id)
+                job.future.set_exception(exc)
+
+    def _generate(self, job: _Job) -> GenerationResult:
+        started = time.perf_counter()
+        session = self.model.start(job.input_ids, job.params)
+        session.prefill()
+        session.run()
+        finished = time.perf_counter()
+        logger.info("Request %s: %d prompt + %d output tokens in %.0f ms (%s)", job.request_id,
+                    len(job.input_ids), len(session.output_ids), (finished - started) * 1000, session.finish_reason)
+        return GenerationResult(session.prompt_trace, session.output_trace, session.text, session.finish_reason,
+                                session.seed, (started - job.enqueued_at) * 1000, (finished - started) * 1000)

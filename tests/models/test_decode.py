@@ -1,0 +1,122 @@
+import pytest
+import torch
+
+from models.decode import PromptTooLongError, SamplingParams
+from models.judgment import assemble_judgment
+from tests.conftest import CONSTRAINTS, TINY_CONTEXT
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def run(model, params: SamplingParams, messages=QUESTION):
+    session = model.start(model.encode(messages=messages), params)
+    session.prefill()
+    session.run()
+    return session
+
+
+def test_greedy_is_deterministic(tiny_model):
+    first = run(tiny_model, SamplingParams(max_tokens=12, temperature=0))
+    second = run(tiny_model, SamplingParams(max_tokens=12, temperature=0))
+    assert first.output_ids == second.output_ids
+    assert [t.scores for t in first.output_trace] == [t.scores for t in second.output_trace]
+
+
+def test_seeded_sampling_reproduces(tiny_model):
+    params = SamplingParams(max_tokens=16, temperature=1.5, top_p=0.95, seed=1234)
+    assert run(tiny_model, params).output_ids == run(tiny_model, params).output_ids
+
+
+def test_seeds_differ_in_output(tiny_model):
+    outputs = {tuple(run(tiny_model, SamplingParams(max_tokens=16, temperature=2.0, seed=seed)).output_ids)
+               for seed in range(4)}
+    assert len(outputs) > 1
+
+
+def test_unseeded_session_records_its_seed(tiny_model):
+    session = run(tiny_model, SamplingParams(max_tokens=8, temperature=1.0))
+    replay = run(tiny_model, SamplingParams(max_tokens=8, temperature=1.0, seed=session.seed))
+    assert replay.output_ids == session.output_ids
+
+
+def test_tiny_top_p_equals_greedy(tiny_model):
+    greedy = run(tiny_model, SamplingParams(max_tokens=10, temperature=0))
+    nucleus = run(tiny_model, SamplingParams(max_tokens=10, temperature=1.0, top_p=1e-6, seed=7))
+    assert nucleus.output_ids == greedy.output_ids
+
+
+def test_max_tokens_ends_with_length(tiny_model):
+    session = run(tiny_model, SamplingParams(max_tokens=5, temperature=0))
+    assert session.finish_reason == "length"
+    assert len(session.output_ids) == 5
+    assert len(session.output_trace) == 5
+
+
+def test_stop_sequence_truncates_text(tiny_model):
+    free = run(tiny_model, SamplingParams(max_tokens=12, temperature=0))
+    stop = free.text[2:4]
+    assert stop, "greedy output too short to pick a stop sequence"
+    stopped = run(tiny_model, SamplingParams(max_tokens=12, temperature=0, stop=[stop]))
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == free.text[:free.text.index(stop)]
+    assert stop not in stopped.text
+    assert len(stopped.output_ids) < 12
+
+
+def test_eos_token_ends_generation(tiny_model):
+    eos = tiny_model.base.tokenizer.eos_token_id
+    session = tiny_model.start(tiny_model.encode(messages=QUESTION), SamplingParams(max_tokens=10, temperature=0))
+    session.prefill()
+    session._next_logits = torch.full_like(session._next_logits, -1e9)
+    session._next_logits[eos] = 0.0
+    trace = session.step()
+    assert trace.token_id == eos
+    assert session.finish_reason == "stop"
+    assert session.text == ""
+
+
+def test_trace_covers_every_token(tiny_model):
+    session = run(tiny_model, SamplingParams(max_tokens=6, temperature=0))
+    prompt_length = len(session.prompt_ids)
+    assert [t.position for t in session.prompt_trace] == list(range(prompt_length))
+    assert [t.position for t in session.output_trace] == list(range(prompt_length, prompt_length + 6))
+    for trace in session.output_trace:
+        assert set(trace.scores) == set(CONSTRAINTS)
+        assert all(0.0 <= score <= 1.0 for score in trace.scores.values())
+        assert trace.logprob is not None and trace.logprob <= 0.0
+        for pairs in trace.attention.values():
+            assert len(pairs) == 3
+            assert all(position <= trace.position for position, _ in pairs)
+            assert [weight for _, weight in pairs] == sorted((weight for _, weight in pairs), reverse=True)
+    assert "".join(t.text for t in session.output_trace) == session.text
+
+
+def test_step_scores_equal_full_sequence_pass(tiny_model):
+    session = run(tiny_model, SamplingParams(max_tokens=8, temperature=0))
+    sequence = torch.tensor([session.prompt_ids + session.output_ids])
+    with torch.inference_mode():
+        hidden_states = tiny_model.base.model(input_ids=sequence, output_hidden_states=True).hidden_states
+        full = torch.sigmoid(tiny_model.heads(hidden_states[tiny_model.heads.config.tap_layer]).constraint_logits[0])
+    traced = [list(t.scores.values()) for t in session.prompt_trace + session.output_trace]
+    assert torch.allclose(torch.tensor(traced), full, atol=1e-5)
+
+
+def test_prompt_too_long_reports_limit(tiny_model):
+    input_ids = tiny_model.encode(prompt="The capital of France is Paris. " * 12)
+    with pytest.raises(PromptTooLongError) as error:
+        tiny_model.start(input_ids, SamplingParams(max_tokens=TINY_CONTEXT))
+    assert error.value.context_length == TINY_CONTEXT
+    assert error.value.prompt_tokens == len(input_ids)
+    assert str(TINY_CONTEXT) in str(error.value)
+
+
+def test_judgment_uses_last_and_lowest_scores(tiny_model):
+    session = run(tiny_model, SamplingParams(max_tokens=6, temperature=0))
+    judgment = assemble_judgment(session.output_trace, session.prompt_trace, tiny_model.heads.config)
+    for verdict in judgment.verdicts:
+        scores = [t.scores[verdict.constraint] for t in session.output_trace]
+        assert verdict.score == scores[-1]
+        assert verdict.min_score == min(scores)
+        assert session.output_trace[scores.index(min(scores))].position == verdict.min_position
+        assert verdict.passed == (verdict.score >= verdict.threshold)
+    assert judgment.flagged == any(not v.passed for v in judgment.verdicts)

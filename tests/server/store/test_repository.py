@@ -1,0 +1,433 @@
+import dataclasses
+import logging
+import pickle
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import Engine, create_engine, delete, func, select, text
+
+from server.store import (
+    AuditStore,
+    InvalidCursorError,
+    JudgmentQuery,
+    JudgmentRecord,
+    StoreUnavailableError,
+    VerdictRecord,
+    create_engine_for,
+    new_judgment_id,
+    upgrade_database,
+)
+from server.store.repository import _encode_cursor
+from server.store.tables import Judgment, Trace, Verdict
+
+BASE_TIME = datetime(2026, 5, 1, 12, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def engine(tmp_path) -> Iterator[Engine]:
+    engine = create_engine_for(f"sqlite:///{tmp_path / 'audit' / 'store.db'}")
+    upgrade_database(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def store(engine) -> AuditStore:
+    return AuditStore(engine)
+
+
+def make_record(
+    created_at: datetime = BASE_TIME,
+    flagged: bool = False,
+    scores: dict[str, float] | None = None,
+    threshold: float = 0.5,
+) -> JudgmentRecord:
+    """Build a judgment with one verdict per entry of ``scores``, sorted by constraint name."""
+    scores = {"decidability": 0.9, "testifiability": 0.8} if scores is None else scores
+    verdicts = [
+        VerdictRecord(
+            constraint=name,
+            score=score,
+            min_score=score / 2,
+            min_position=7,
+            threshold=threshold,
+            passed=score >= threshold,
+        )
+        for name, score in sorted(scores.items())
+    ]
+    return JudgmentRecord(
+        id=new_judgment_id(),
+        created_at=created_at,
+        completed_at=created_at + timedelta(milliseconds=250),
+        request_id=f"req-{uuid.uuid4()}",
+        model_name="SmolLM2-135M-Instruct",
+        model_fingerprint="a" * 64,
+        heads_name="default-heads",
+        heads_fingerprint="b" * 64,
+        prompt={"messages": [{"role": "user", "content": "What is the capital of France?"}]},
+        output="The capital of France is Paris.",
+        parameters={"max_new_tokens": 32, "temperature": 0.0},
+        finish_reason="stop",
+        status="completed",
+        prompt_tokens=12,
+        completion_tokens=8,
+        latency_ms=250.5,
+        flagged=flagged,
+        metadata={"tenant": "acme"},
+        verdicts=verdicts,
+        trace={"tokens": [{"id": 504, "text": "The", "logprob": -0.1, "scores": {"decidability": 0.9}}]},
+    )
+
+
+def count_rows(engine: Engine, table) -> int:
+    with engine.connect() as connection:
+        return connection.scalar(select(func.count()).select_from(table))
+
+
+def save_all(store: AuditStore, records: list[JudgmentRecord]) -> None:
+    for record in records:
+        store.save(record)
+
+
+def listed_ids(store: AuditStore, query: JudgmentQuery) -> list[str]:
+    return [item.id for item in store.list(query, limit=100, cursor=None).items]
+
+
+def test_save_get_round_trip(store):
+    record = make_record()
+    store.save(record)
+
+    loaded = store.get(record.id)
+
+    assert loaded == record
+    assert loaded.trace == record.trace
+    assert loaded.created_at.tzinfo == timezone.utc
+    assert loaded.completed_at.tzinfo == timezone.utc
+
+
+def test_get_converts_offsets_to_utc(store):
+    local_time = datetime(2026, 5, 1, 14, 30, tzinfo=timezone(timedelta(hours=2)))
+    record = make_record(created_at=local_time)
+    store.save(record)
+
+    loaded = store.get(record.id)
+
+    assert loaded.created_at == datetime(2026, 5, 1, 12, 30, tzinfo=timezone.utc)
+    assert loaded.created_at.utcoffset() == timedelta(0)
+
+
+def test_get_unknown_id_returns_none(store):
+    assert store.get(new_judgment_id()) is None
+
+
+def test_save_without_trace(store, engine):
+    record = dataclasses.replace(make_record(), trace=None)
+    store.save(record)
+
+    assert store.get(record.id).trace is None
+    assert count_rows(engine, Trace) == 0
+
+
+def test_save_rejects_naive_datetime(store, engine):
+    record = dataclasses.replace(make_record(), created_at=datetime(2026, 5, 1, 12, 0))
+
+    with pytest.raises(ValueError, match="created_at=2026-05-01T12:00:00 is a naive datetime"):
+        store.save(record)
+    assert count_rows(engine, Judgment) == 0
+
+
+def test_duplicate_verdict_leaves_nothing(store, engine, caplog):
+    record = make_record()
+    record.verdicts.append(dataclasses.replace(record.verdicts[0]))
+
+    with caplog.at_level(logging.ERROR, logger="server.store.repository"):
+        with pytest.raises(StoreUnavailableError, match=f"could not save judgment {record.id}") as raised:
+            store.save(record)
+
+    assert raised.value.__cause__ is not None
+    assert record.id in caplog.text
+    assert store.get(record.id) is None
+    assert count_rows(engine, Judgment) == 0
+    assert count_rows(engine, Verdict) == 0
+    assert count_rows(engine, Trace) == 0
+
+
+def test_duplicate_id_keeps_first_record(store, engine):
+    first = make_record()
+    store.save(first)
+    second = dataclasses.replace(make_record(), id=first.id, output="a different output")
+
+    with pytest.raises(StoreUnavailableError, match="IntegrityError"):
+        store.save(second)
+
+    assert store.get(first.id) == first
+    assert count_rows(engine, Judgment) == 1
+    assert count_rows(engine, Verdict) == len(first.verdicts)
+
+
+def test_error_message_hides_prompt(store):
+    first = make_record()
+    store.save(first)
+    second = dataclasses.replace(make_record(), id=first.id, prompt={"prompt": "secret prompt text"})
+
+    with pytest.raises(StoreUnavailableError) as raised:
+        store.save(second)
+
+    assert "secret prompt text" not in str(raised.value)
+    assert "secret prompt text" not in str(raised.value.__cause__)
+
+
+def test_unreachable_database_raises_unavailable(tmp_path):
+    # The parent directory does not exist, and a plain engine does not create it.
+    engine = create_engine(f"sqlite:///{tmp_path / 'missing' / 'store.db'}")
+    store = AuditStore(engine)
+
+    with pytest.raises(StoreUnavailableError, match="could not save judgment"):
+        store.save(make_record())
+    with pytest.raises(StoreUnavailableError, match="could not read judgment"):
+        store.get(new_judgment_id())
+    with pytest.raises(StoreUnavailableError, match="could not list judgments"):
+        store.list(JudgmentQuery(), limit=10, cursor=None)
+
+
+def test_list_newest_first(store):
+    records = [make_record(created_at=BASE_TIME + timedelta(minutes=i)) for i in range(3)]
+    save_all(store, records)
+
+    page = store.list(JudgmentQuery(), limit=10, cursor=None)
+
+    assert [item.id for item in page.items] == [record.id for record in reversed(records)]
+    assert page.next_cursor is None
+
+
+def test_list_omits_trace_keeps_verdicts(store):
+    record = make_record()
+    store.save(record)
+
+    [item] = store.list(JudgmentQuery(), limit=10, cursor=None).items
+
+    assert item.trace is None
+    assert item.verdicts == record.verdicts
+    assert item == dataclasses.replace(record, trace=None)
+
+
+def test_list_filters_time_range(store):
+    records = [make_record(created_at=BASE_TIME + timedelta(hours=i)) for i in range(4)]
+    save_all(store, records)
+    ids = [record.id for record in records]
+
+    assert listed_ids(store, JudgmentQuery(since=BASE_TIME + timedelta(hours=1))) == ids[:0:-1]
+    assert listed_ids(store, JudgmentQuery(until=BASE_TIME + timedelta(hours=2))) == [ids[1], ids[0]]
+    both = JudgmentQuery(since=BASE_TIME + timedelta(hours=1), until=BASE_TIME + timedelta(hours=3))
+    assert listed_ids(store, both) == [ids[2], ids[1]]
+
+
+def test_list_filters_score_range(store):
+    low = make_record(scores={"causality": 0.2, "reciprocity": 0.95})
+    middle = make_record(scores={"causality": 0.5})
+    high = make_record(scores={"causality": 0.9})
+    other = make_record(scores={"reciprocity": 0.5})
+    save_all(store, [low, middle, high, other])
+
+    in_range = JudgmentQuery(constraint="causality", min_score=0.5, max_score=0.9)
+    assert listed_ids(store, in_range) == [high.id, middle.id]
+    assert listed_ids(store, JudgmentQuery(constraint="causality", max_score=0.5)) == [middle.id, low.id]
+    assert listed_ids(store, JudgmentQuery(constraint="causality")) == [high.id, middle.id, low.id]
+    assert listed_ids(store, JudgmentQuery(constraint="reciprocity", min_score=0.9)) == [low.id]
+
+
+def test_list_filters_passed(store):
+    failed = make_record(scores={"causality": 0.1, "reciprocity": 0.9}, flagged=True)
+    passed = make_record(scores={"causality": 0.7, "reciprocity": 0.2}, flagged=True)
+    save_all(store, [failed, passed])
+
+    assert listed_ids(store, JudgmentQuery(constraint="causality", passed=True)) == [passed.id]
+    assert listed_ids(store, JudgmentQuery(constraint="causality", passed=False)) == [failed.id]
+    assert listed_ids(store, JudgmentQuery(constraint="reciprocity", passed=False)) == [passed.id]
+
+
+def test_list_filters_flagged(store):
+    clean = make_record(flagged=False)
+    flagged = make_record(flagged=True)
+    save_all(store, [clean, flagged])
+
+    assert listed_ids(store, JudgmentQuery(flagged=True)) == [flagged.id]
+    assert listed_ids(store, JudgmentQuery(flagged=False)) == [clean.id]
+    assert listed_ids(store, JudgmentQuery()) == [flagged.id, clean.id]
+
+
+def test_list_combines_filters(store):
+    match = make_record(created_at=BASE_TIME + timedelta(hours=1), flagged=True, scores={"causality": 0.1})
+    too_early = make_record(created_at=BASE_TIME, flagged=True, scores={"causality": 0.1})
+    not_flagged = make_record(created_at=BASE_TIME + timedelta(hours=1), scores={"causality": 0.1})
+    save_all(store, [match, too_early, not_flagged])
+
+    query = JudgmentQuery(since=BASE_TIME + timedelta(minutes=30), constraint="causality", passed=False, flagged=True)
+    assert listed_ids(store, query) == [match.id]
+
+
+def test_cursor_pages_25_records(store):
+    records = [make_record(created_at=BASE_TIME + timedelta(seconds=i)) for i in range(25)]
+    save_all(store, records)
+
+    pages = []
+    cursor = None
+    for _ in range(3):
+        page = store.list(JudgmentQuery(), limit=10, cursor=cursor)
+        pages.append(page)
+        cursor = page.next_cursor
+
+    assert [len(page.items) for page in pages] == [10, 10, 5]
+    assert pages[0].next_cursor is not None
+    assert pages[1].next_cursor is not None
+    assert pages[2].next_cursor is None
+    seen = [item.id for page in pages for item in page.items]
+    assert len(set(seen)) == 25
+    assert seen == sorted((record.id for record in records), reverse=True)
+
+
+def test_cursor_paging_keeps_filters(store):
+    records = [make_record(flagged=i % 2 == 0) for i in range(7)]
+    save_all(store, records)
+    flagged_ids = sorted((record.id for record in records if record.flagged), reverse=True)
+
+    first = store.list(JudgmentQuery(flagged=True), limit=3, cursor=None)
+    second = store.list(JudgmentQuery(flagged=True), limit=3, cursor=first.next_cursor)
+
+    assert [item.id for item in first.items] == flagged_ids[:3]
+    assert [item.id for item in second.items] == flagged_ids[3:]
+    assert second.next_cursor is None
+
+
+def test_exact_page_has_no_next(store):
+    save_all(store, [make_record() for _ in range(10)])
+
+    page = store.list(JudgmentQuery(), limit=10, cursor=None)
+
+    assert len(page.items) == 10
+    assert page.next_cursor is None
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "not a cursor!",
+        "aGVsbG8",  # base64 of "hello"
+        _encode_cursor("0196a6f2-1c3b-7abc-8def-0123456789ab").upper(),
+        _encode_cursor("0196A6F2-1C3B-7ABC-8DEF-0123456789AB"),  # not the canonical lowercase form
+        "",
+        "é",
+    ],
+)
+def test_invalid_cursor_raises(store, cursor):
+    with pytest.raises(InvalidCursorError, match="this server did not issue it. Restart paging without a cursor"):
+        store.list(JudgmentQuery(), limit=10, cursor=cursor)
+
+
+def test_list_rejects_zero_limit(store):
+    with pytest.raises(ValueError, match="limit must be at least 1, got 0"):
+        store.list(JudgmentQuery(), limit=0, cursor=None)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"min_score": 0.5}, "min_score=0.5 filters the verdict of one constraint, so constraint must be set too"),
+        ({"passed": True}, "passed=True filters the verdict of one constraint, so constraint must be set too"),
+        (
+            {"constraint": "causality", "min_score": 0.8, "max_score": 0.2},
+            "min_score 0.8 is greater than max_score 0.2",
+        ),
+        ({"since": datetime(2026, 5, 1)}, "since=2026-05-01T00:00:00 is a naive datetime"),
+    ],
+)
+def test_query_rejects_invalid_filters(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        JudgmentQuery(**arguments)
+
+
+def test_saved_judgment_survives_sigkill(tmp_path):
+    url = f"sqlite:///{tmp_path / 'killed.db'}"
+    engine = create_engine_for(url)
+    upgrade_database(engine)
+    record = make_record()
+    record_file = tmp_path / "record.pickle"
+    record_file.write_bytes(pickle.dumps(record))
+    # The child saves the record and kills itself before the engine can close
+    # its connections, so only what the commit wrote to the database files remains.
+    script = (
+        "import os, pickle, signal, sys\n"
+        "from server.store import AuditStore, create_engine_for\n"
+        "record = pickle.loads(open(sys.argv[2], 'rb').read())\n"
+        "AuditStore(create_engine_for(sys.argv[1])).save(record)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+
+    child = subprocess.run([sys.executable, "-c", script, url, str(record_file)], timeout=60)
+
+    assert child.returncode == -signal.SIGKILL
+    assert AuditStore(engine).get(record.id) == record
+    engine.dispose()
+
+
+def test_delete_cascades_to_children(store, engine):
+    record = make_record()
+    store.save(record)
+    assert count_rows(engine, Verdict) == 2
+
+    with engine.begin() as connection:
+        connection.execute(delete(Judgment).where(Judgment.id == record.id))
+
+    assert count_rows(engine, Verdict) == 0
+    assert count_rows(engine, Trace) == 0
+
+
+def test_pragmas_on_new_connection(engine):
+    with engine.connect() as connection:
+        assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert connection.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
+        assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
+        assert connection.execute(text("PRAGMA busy_timeout")).scalar() == 5000
+
+
+def test_engine_creates_parent_directory(tmp_path):
+    database = tmp_path / "nested" / "deeper" / "store.db"
+    engine = create_engine_for(f"sqlite:///{database}")
+
+    with engine.connect() as connection:
+        connection.execute(text("SELECT 1"))
+    engine.dispose()
+
+    assert database.exists()
+
+
+def test_new_judgment_id_is_uuid7():
+    judgment_id = new_judgment_id()
+    parsed = uuid.UUID(judgment_id)
+
+    assert str(parsed) == judgment_id
+    assert parsed.version == 7
+    assert parsed.variant == uuid.RFC_4122
+    unix_ms = parsed.int >> 80
+    assert abs(unix_ms - time.time() * 1000) < 5000
+
+
+def test_later_ids_sort_after():
+    earlier = new_judgment_id()
+    time.sleep(0.002)
+    later = new_judgment_id()
+
+    assert later > earlier
+    assert sorted([later, earlier]) == [earlier, later]
+
+
+def test_ids_are_unique():
+    ids = {new_judgment_id() for _ in range(10_000)}
+
+    assert len(ids) == 10_000
