@@ -118,7 +118,8 @@ class DecodeSession:
         self.output_trace: list[TokenTrace] = []
         self.text = ""
         self.finish_reason: str | None = None
-        self._decoded = ""  # decoded text of the output tokens so far, special tokens kept
+        self._detokenizer = IncrementalDetokenizer(model.base.tokenizer)
+        self._special_ids = set(model.base.tokenizer.all_special_ids)
         self._visible = ""  # output text without special tokens, before stop truncation
         self._past_key_values = None
         self._heads_cache: HeadsCache | None = None
@@ -138,8 +139,8 @@ class DecodeSession:
         self._next_logits = outputs.logits[0, -1].float()
         heads_out = self._run_heads(outputs.hidden_states)
 
-        tokenizer = self.model.base.tokenizer
-        pieces = [tokenizer.decode([token_id]) for token_id in self.prompt_ids]
+        prompt_detokenizer = IncrementalDetokenizer(self.model.base.tokenizer)
+        pieces = [prompt_detokenizer.push(token_id) for token_id in self.prompt_ids]
         self.prompt_trace = self.model.trace_tokens(0, self.prompt_ids, pieces, [None] * len(self.prompt_ids),
                                                     heads_out.constraint_logits[0], heads_out.attention_weights[0])
         return self.prompt_trace
@@ -184,20 +185,9 @@ class DecodeSession:
         return token_id, float(logprobs[token_id])
 
     def _append_text(self, token_id: int) -> str:
-        """Decode the output so far and return the new token's text piece.
-
-        A token that ends inside a multi-byte character decodes to U+FFFD; its
-        piece stays empty and the next token carries the whole character.
-        """
-        tokenizer = self.model.base.tokenizer
-        decoded = tokenizer.decode(self.output_ids, clean_up_tokenization_spaces=False)
-        if decoded.endswith("\ufffd"):
-            return ""
-        piece = decoded[len(self._decoded):]
-        self._decoded = decoded
-        if token_id not in self.model.eos_token_ids:
-            self._visible = tokenizer.decode(self.output_ids, skip_special_tokens=True,
-                                             clean_up_tokenization_spaces=False)
+        piece = self._detokenizer.push(token_id)
+        if token_id not in self._special_ids:
+            self._visible += piece
         return piece
 
     def _update_finish_reason(self, token_id: int) -> None:
@@ -216,6 +206,37 @@ class DecodeSession:
         while not self.finished:
             self.step()
         return self.output_trace
+
+
+class IncrementalDetokenizer:
+    """Turn token ids into text pieces one token at a time.
+
+    Each piece is the difference between decoding a few tokens of context with
+    and without the new ones, so a tokenizer that drops a word's leading space
+    at the start of a decode still gives the right piece. A token that ends
+    inside a multi-byte character decodes to U+FFFD: its piece stays empty and
+    the next token carries the whole character.
+    """
+
+    CONTEXT_TOKENS = 6
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.token_ids: list[int] = []
+        self.pending_from = 0  # index of the first token whose text has not been returned
+
+    def push(self, token_id: int) -> str:
+        self.token_ids.append(token_id)
+        start = max(0, self.pending_from - self.CONTEXT_TOKENS)
+        before = self._decode(self.token_ids[start:self.pending_from])
+        after = self._decode(self.token_ids[start:])
+        if after.endswith("\ufffd"):
+            return ""
+        self.pending_from = len(self.token_ids)
+        return after[len(before):]
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, clean_up_tokenization_spaces=False) if token_ids else ""
 
 
 def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -15,6 +15,17 @@ MAX_METADATA_VALUE_LENGTH = 512
 MAX_SEED = 2**63 - 1
 
 
+def _check_unicode(name: str, value: str) -> None:
+    """Raise ValueError for a lone surrogate, which JSON can escape ("\\ud800") but UTF-8 cannot encode.
+
+    The tokenizer rejects such text, and a stored one would make every later read of the judgment fail.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{name} has a lone surrogate at character {exc.start}. Send valid Unicode text.") from None
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -51,6 +62,7 @@ class GenerateRequest(BaseModel):
         for sequence in value:
             if not sequence:
                 raise ValueError("stop sequences must not be empty strings")
+            _check_unicode("stop sequence", sequence)
             if len(sequence) > MAX_STOP_LENGTH:
                 raise ValueError(f"a stop sequence may be at most {MAX_STOP_LENGTH} characters, got {len(sequence)}")
         return value
@@ -65,6 +77,8 @@ class GenerateRequest(BaseModel):
         for key, item in value.items():
             if not key or len(key) > MAX_METADATA_KEY_LENGTH:
                 raise ValueError(f"metadata key {key[:80]!r} must be 1 to {MAX_METADATA_KEY_LENGTH} characters")
+            _check_unicode("metadata key", key)
+            _check_unicode(f"metadata value of {key!r}", item)
             if len(item) > MAX_METADATA_VALUE_LENGTH:
                 raise ValueError(f"metadata value of {key!r} is {len(item)} characters; the limit is {MAX_METADATA_VALUE_LENGTH}")
         return value
@@ -72,8 +86,11 @@ class GenerateRequest(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _check_prompt(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():
+        if value is None:
+            return value
+        if not value.strip():
             raise ValueError("prompt must not be empty or only whitespace")
+        _check_unicode("prompt", value)
         return value
 
     @model_validator(mode="after")

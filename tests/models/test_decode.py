@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models.decode import PromptTooLongError, SamplingParams
+from models.decode import IncrementalDetokenizer, PromptTooLongError, SamplingParams
 from models.judgment import assemble_judgment
 from tests.conftest import CONSTRAINTS, TINY_CONTEXT
 
@@ -120,3 +120,14 @@ def test_judgment_uses_last_and_lowest_scores(tiny_model):
         assert session.output_trace[scores.index(min(scores))].position == verdict.min_position
         assert verdict.passed == (verdict.score >= verdict.threshold)
     assert judgment.flagged == any(not v.passed for v in judgment.verdicts)
+
+
+def test_detokenizer_pieces_join_to_text(tiny_base):
+    tokenizer = tiny_base.tokenizer
+    text = "Cats are mammals. Tōkyō 東京 and naïve café ☕ end."
+    token_ids = tokenizer(text, add_special_tokens=False).input_ids
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    pieces = [detokenizer.push(token_id) for token_id in token_ids]
+    assert "".join(pieces) == text
+    assert "" in pieces  # multi-byte characters split across byte-level tokens wait for their last byte
+    assert all("\ufffd" not in piece for piece in pieces)
