@@ -1,0 +1,154 @@
+"""GenerationWorker tests with the tiny model: results, the bounded queue, shutdown and error propagation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from models.decode import PromptTooLongError, SamplingParams
+from server.errors import QueueFullError
+from server.worker import GenerationResult, GenerationWorker
+from tests.conftest import CONSTRAINTS, TINY_CONTEXT
+
+
+@pytest.fixture
+def input_ids(tiny_model) -> list[int]:
+    return tiny_model.encode("The road is wet because")
+
+
+@pytest.fixture
+def worker(tiny_model) -> Iterator[GenerationWorker]:
+    worker = GenerationWorker(tiny_model, max_queue=4, retry_after_s=2)
+    worker.start()
+    yield worker
+    worker.stop(timeout_s=10)
+
+
+def test_generate_returns_result_with_traces(worker, input_ids):
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=3)
+
+    result = asyncio.run(worker.generate("req-1", input_ids, params))
+
+    assert isinstance(result, GenerationResult)
+    assert [trace.token_id for trace in result.prompt_trace] == input_ids
+    assert 1 <= len(result.output_trace) <= 6
+    assert result.output_trace[0].position == len(input_ids)
+    for trace in result.prompt_trace + result.output_trace:
+        assert list(trace.scores) == CONSTRAINTS
+        assert list(trace.attention) == CONSTRAINTS
+    assert result.finish_reason in ("stop", "length")
+    assert isinstance(result.text, str)
+    assert result.seed == 3
+    assert result.queued_ms >= 0
+    assert result.generation_ms > 0
+
+
+def test_generate_draws_seed_when_absent(worker, input_ids):
+    params = SamplingParams(max_tokens=4, temperature=1.0)
+
+    result = asyncio.run(worker.generate("req-1", input_ids, params))
+    replay = asyncio.run(worker.generate("req-2", input_ids, SamplingParams(max_tokens=4, seed=result.seed)))
+
+    assert 0 <= result.seed < 2**63
+    assert [t.token_id for t in replay.output_trace] == [t.token_id for t in result.output_trace]
+
+
+def test_requests_served_in_order(worker, input_ids):
+    async def run_three() -> list[GenerationResult]:
+        return await asyncio.gather(*[
+            worker.generate(f"req-{seed}", input_ids, SamplingParams(max_tokens=3, seed=seed)) for seed in range(3)])
+
+    results = asyncio.run(run_three())
+
+    assert [result.seed for result in results] == [0, 1, 2]
+
+
+def test_full_queue_raises_429(tiny_model, input_ids):
+    worker = GenerationWorker(tiny_model, max_queue=1, retry_after_s=7)
+    params = SamplingParams(max_tokens=2, seed=0)
+
+    async def overfill() -> GenerationResult:
+        # The worker is not started yet, so the first job stays queued and fills the queue.
+        first = asyncio.create_task(worker.generate("first", input_ids, params))
+        await asyncio.sleep(0)
+        assert worker.queue_depth == 1
+        with pytest.raises(QueueFullError) as raised:
+            await worker.generate("second", input_ids, params)
+        error = raised.value
+        assert error.status_code == 429
+        assert error.headers == {"Retry-After": "7"}
+        assert error.type == "rate_limit_error"
+        assert error.code == "queue_full"
+        assert "1 requests waiting" in error.message
+
+        # Once started, the worker serves the queued job and the queue has room again.
+        worker.start()
+        return await first
+
+    try:
+        result = asyncio.run(overfill())
+    finally:
+        worker.stop(timeout_s=10)
+
+    assert result.seed == 0
+    assert worker.queue_depth == 0
+
+
+def test_stop_ends_thread(tiny_model):
+    worker = GenerationWorker(tiny_model, max_queue=2, retry_after_s=1)
+    worker.start()
+    assert worker._thread.is_alive()
+
+    worker.stop(timeout_s=10)
+
+    assert not worker._thread.is_alive()
+
+
+def test_stop_unstarted_returns_at_once(tiny_model):
+    worker = GenerationWorker(tiny_model, max_queue=1, retry_after_s=1)
+
+    worker.stop(timeout_s=10)
+
+    assert worker.queue_depth == 0
+
+
+def test_stop_finishes_queued_jobs(tiny_model, input_ids):
+    worker = GenerationWorker(tiny_model, max_queue=3, retry_after_s=1)
+
+    async def queue_then_stop() -> list[GenerationResult]:
+        tasks = [asyncio.create_task(worker.generate(f"req-{seed}", input_ids, SamplingParams(max_tokens=3, seed=seed)))
+                 for seed in range(3)]
+        await asyncio.sleep(0)
+        assert worker.queue_depth == 3
+        worker.start()
+        # stop() blocks this event loop until the thread ends, so the results reach the loop afterwards.
+        worker.stop(timeout_s=10)
+        assert not worker._thread.is_alive()
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(queue_then_stop())
+
+    assert [result.seed for result in results] == [0, 1, 2]
+
+
+def test_model_error_reaches_caller(worker):
+    too_long = [5] * (TINY_CONTEXT + 4)
+
+    with pytest.raises(PromptTooLongError) as raised:
+        asyncio.run(worker.generate("req-long", too_long, SamplingParams(max_tokens=2)))
+
+    assert raised.value.prompt_tokens == TINY_CONTEXT + 4
+    assert raised.value.context_length == TINY_CONTEXT
+    assert f"context holds {TINY_CONTEXT} tokens" in str(raised.value)
+
+
+def test_worker_survives_model_error(worker, input_ids):
+    with pytest.raises(PromptTooLongError):
+        asyncio.run(worker.generate("req-long", [5] * (TINY_CONTEXT + 1), SamplingParams(max_tokens=1)))
+
+    result = asyncio.run(worker.generate("req-next", input_ids, SamplingParams(max_tokens=2, seed=1)))
+
+    assert worker._thread.is_alive()
+    assert result.seed == 1
