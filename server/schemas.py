@@ -32,6 +32,12 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str = Field(max_length=1_000_000)
 
+    @field_validator("content")
+    @classmethod
+    def _check_content(cls, value: str) -> str:
+        _check_unicode("content", value)
+        return value
+
 
 class GenerateRequest(BaseModel):
     """A generation: exactly one of ``prompt`` (raw text) or ``messages`` (chat template applied)."""
@@ -40,10 +46,10 @@ class GenerateRequest(BaseModel):
 
     prompt: str | None = Field(None, description="Raw prompt text, sent to the model as it is.")
     messages: list[ChatMessage] | None = Field(None, min_length=1, description="Chat messages; the model's chat template is applied.")
-    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate; default and limit come from the server settings.")
+    max_tokens: int | None = Field(None, ge=1, strict=True, description="Most tokens to generate; the default fills the context up to the server's default_max_tokens.")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass in (0, 1].")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed for reproducible sampling; the used seed is stored either way.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, strict=True, description="Seed for reproducible sampling; the used seed is stored either way.")
     stop: list[str] | None = Field(None, description=f"Up to {MAX_STOP_SEQUENCES} strings that end generation; not included in the text.")
     metadata: dict[str, str] | None = Field(None, description=f"Up to {MAX_METADATA_KEYS} string pairs stored with the judgment.")
 

@@ -11,7 +11,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from models.decode import ConstraintModel, SamplingParams, TokenTrace
-from server.errors import QueueFullError
+from server.errors import ApiError, QueueFullError
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class GenerationWorker:
         self.max_queue, self.retry_after_s = max_queue, retry_after_s
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._run, name="generation-worker", daemon=True)
+        self._stopping = False  # set by stop(); later requests are rejected instead of waiting forever
 
     def start(self) -> None:
         self._thread.start()
@@ -55,6 +56,7 @@ class GenerationWorker:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Finish the request in progress and the queued ones, then end the thread."""
+        self._stopping = True
         if not self._thread.is_alive():
             return
         self._queue.put(None)
@@ -66,6 +68,9 @@ class GenerationWorker:
         return self._queue.qsize()
 
     async def generate(self, request_id: str, input_ids: list[int], params: SamplingParams) -> GenerationResult:
+        if self._stopping:
+            raise ApiError(503, "the generation worker is stopping with the server; retry on another replica "
+                           "or after the restart", type="service_unavailable", code="worker_stopping")
         job = _Job(request_id, input_ids, params, Future(), time.perf_counter())
         try:
             self._queue.put_nowait(job)

@@ -40,6 +40,8 @@ async def generate(body: GenerateRequest, runtime: RuntimeDep, request: Request)
     messages = [message.model_dump() for message in body.messages] if body.messages is not None else None
     input_ids = await run_in_threadpool(runtime.model.encode, body.prompt, messages)
     context_length = runtime.model.base.context_length
+    if body.max_tokens is None and len(input_ids) < context_length:
+        params.max_tokens = min(params.max_tokens, context_length - len(input_ids))
     if len(input_ids) + params.max_tokens > context_length:
         raise PromptTooLongError(len(input_ids), params.max_tokens, context_length)
 

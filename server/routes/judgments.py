@@ -41,11 +41,15 @@ async def list_judgments(
     if constraint is not None and constraint not in known:
         raise ApiError(422, f"unknown constraint {constraint!r}; known: {', '.join(known)}", param="constraint",
                        code="invalid_value")
-    try:
-        query = JudgmentQuery(_aware("since", since), _aware("until", until), constraint, min_score, max_score,
-                              passed, flagged)
-    except ValueError as exc:
-        raise ApiError(422, str(exc), code="invalid_value") from exc
+    for name, value in (("min_score", min_score), ("max_score", max_score), ("passed", passed)):
+        if value is not None and constraint is None:
+            raise ApiError(422, f"{name}={value} applies to one constraint's verdict; add constraint=<name> "
+                           f"(one of {', '.join(known)})", param=name, code="invalid_value")
+    if min_score is not None and max_score is not None and min_score > max_score:
+        raise ApiError(422, f"min_score {min_score} is greater than max_score {max_score}; swap them",
+                       param="min_score", code="invalid_value")
+    query = JudgmentQuery(_aware("since", since), _aware("until", until), constraint, min_score, max_score,
+                          passed, flagged)
     page = await run_in_threadpool(runtime.store.list, query, limit, cursor)
     return {"object": "list", "data": [list_item_body(record, known) for record in page.items],
             "next_cursor": page.next_cursor}

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from models.decode import PromptTooLongError, SamplingParams
-from server.errors import QueueFullError
+from server.errors import ApiError, QueueFullError
 from server.worker import GenerationResult, GenerationWorker
 from tests.conftest import CONSTRAINTS, TINY_CONTEXT
 
@@ -104,6 +104,18 @@ def test_stop_ends_thread(tiny_model):
     worker.stop(timeout_s=10)
 
     assert not worker._thread.is_alive()
+
+
+def test_stopped_worker_rejects_requests(tiny_model, input_ids):
+    worker = GenerationWorker(tiny_model, max_queue=2, retry_after_s=1)
+    worker.start()
+    worker.stop(timeout_s=10)
+
+    with pytest.raises(ApiError) as raised:
+        asyncio.run(worker.generate("late", input_ids, SamplingParams(max_tokens=2)))
+
+    assert raised.value.status_code == 503
+    assert raised.value.code == "worker_stopping"
 
 
 def test_stop_unstarted_returns_at_once(tiny_model):
