@@ -45,10 +45,26 @@ def _source_rows(metrics: dict) -> str:
     return "\n".join(rows)
 
 
+def _measured_weaknesses(metrics: dict) -> str:
+    """List where the test numbers themselves show a weakness: a stronger baseline, a near-chance source."""
+    lines = []
+    for constraint, entry in metrics["constraints"].items():
+        heads, probe = entry["heads"]["auroc"], entry["linear_probe"]["auroc"]
+        if probe > heads:
+            lines.append(f"- **{constraint}: the linear probe beats the heads** on test AUROC ({probe:.3f} against "
+                         f"{heads:.3f}).\n")
+        for source, numbers in entry["sources"].items():
+            if numbers["auroc"] is not None and numbers["auroc"] < 0.6:
+                lines.append(f"- **{constraint} on {source} is near chance**: test AUROC {numbers['auroc']:.3f} "
+                             f"over {numbers['examples']} examples.\n")
+    return "".join(lines)
+
+
 def render_model_card(config: HeadsConfig, metrics: dict) -> str:
     training = metrics["training"]
     sources = "\n".join(f"| {s.name} | {s.constraint} | {s.licence} | `{s.commit}` |" for s in SOURCES)
-    caps = ", ".join(f"{name}: {limits}" for name, limits in training["max_groups"].items()) or "none"
+    caps = "; ".join(f"{name} " + ", ".join(f"{split} {count}" for split, count in limits.items())
+                     for name, limits in training["max_groups"].items()) or "none (every group)"
     search = ", ".join(f"layer {layer}: {auroc:.3f}" for layer, auroc in metrics["tap_layer_search"].items())
     causality = metrics["constraints"].get("causality", {})
     pairwise = causality.get("heads", {}).get("pairwise_accuracy")
@@ -98,4 +114,4 @@ Per source:
 {_source_rows(metrics)}
 
 ## Known weaknesses
-{KNOWN_WEAKNESSES}"""
+{_measured_weaknesses(metrics)}{KNOWN_WEAKNESSES}"""
