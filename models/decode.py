@@ -32,7 +32,7 @@ class PromptTooLongError(ValueError):
 
 @dataclass
 class SamplingParams:
-    """How one request samples; temperature 0 means greedy."""
+    """Sampling settings of one request; temperature 0 means greedy."""
 
     max_tokens: int = 128
     temperature: float = 1.0

@@ -1,4 +1,4 @@
-"""What a running server holds: settings, the model, the worker and the audit store."""
+"""State of a running server: settings, the model, the worker and the audit store."""
 
 from __future__ import annotations
 
