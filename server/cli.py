@@ -24,10 +24,11 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from server.app import create_app
-    from server.runtime import ensure_default_model
+    from server.runtime import load_model
 
-    ensure_default_model(settings)
-    uvicorn.run(create_app(settings), host=args.host or settings.host, port=args.port or settings.port,
+    # Loading before uvicorn starts turns a missing model or mismatched heads into a one-line error.
+    model = load_model(settings)
+    uvicorn.run(create_app(settings, model), host=args.host or settings.host, port=args.port or settings.port,
                 workers=1, log_level=settings.log_level)
     return 0
 
