@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from models.data import SOURCES
+from models.evaluate import CALIBRATION_BINS
 from models.heads import HeadsConfig
+from models.report import baseline_gaps, markdown_table, out_of_domain_table
 
 KNOWN_WEAKNESSES = """\
 - **Style shortcut on decidability.** SelfAware's unanswerable questions all come from other
@@ -22,62 +24,51 @@ KNOWN_WEAKNESSES = """\
   workers); other kinds of unfair exchange are outside its training data.
 - **Subsampled data.** Some sets are capped (see Training) to fit a CPU training run; more data
   may raise the numbers.
-- Thresholds are calibrated for accuracy on the dev split, not for a chosen false-positive rate.
+- Thresholds are chosen on the dev split for the stated target, not for a chosen false-positive
+  rate; `tracehead heads train --threshold-target precision:0.9` trains for a precision target.
 """
-
-
-def _metrics_table(metrics: dict) -> str:
-    rows = ["| constraint | test examples | heads AUROC | heads accuracy | threshold | linear probe AUROC | linear probe accuracy |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
-    for constraint, entry in metrics["constraints"].items():
-        heads, probe = entry["heads"], entry["linear_probe"]
-        rows.append(f"| {constraint} | {entry['examples']} | {heads['auroc']:.3f} | {heads['accuracy']:.3f} | "
-                    f"{heads['threshold']:.3f} | {probe['auroc']:.3f} | {probe['accuracy']:.3f} |")
-    return "\n".join(rows)
-
-
-def _source_rows(metrics: dict) -> str:
-    rows = ["| constraint | source | test examples | heads AUROC |", "| --- | --- | --- | --- |"]
-    for constraint, entry in metrics["constraints"].items():
-        for source, numbers in entry["sources"].items():
-            auroc = "n/a" if numbers["auroc"] is None else f"{numbers['auroc']:.3f}"
-            rows.append(f"| {constraint} | {source} | {numbers['examples']} | {auroc} |")
-    return "\n".join(rows)
 
 
 def _measured_weaknesses(metrics: dict) -> str:
     """List where the test numbers themselves show a weakness: a stronger baseline, a near-chance source."""
-    lines = []
-    for constraint, entry in metrics["constraints"].items():
-        heads, probe = entry["heads"]["auroc"], entry["linear_probe"]["auroc"]
-        if probe > heads:
-            lines.append(f"- **{constraint}: the linear probe beats the heads** on test AUROC ({probe:.3f} against "
-                         f"{heads:.3f}).\n")
-        for source, numbers in entry["sources"].items():
-            if numbers["auroc"] is not None and numbers["auroc"] < 0.6:
-                lines.append(f"- **{constraint} on {source} is near chance**: test AUROC {numbers['auroc']:.3f} "
-                             f"over {numbers['examples']} examples.\n")
-    return "".join(lines)
+    evaluation = metrics["evaluation"]
+    lines = [f"- **{line.split(':')[0]}: the heads are below a baseline.** {line.split(': ', 1)[1]}.\n"
+             for line in baseline_gaps(evaluation) if "BELOW" in line]
+    for constraint, entry in evaluation["constraints"].items():
+        for source, source_entry in entry["sources"].items():
+            auroc = source_entry["methods"]["heads"]["auroc"]
+            if auroc is not None and auroc < 0.6:
+                lines.append(f"- **{constraint} on {source} is near chance**: test AUROC {auroc:.3f} over "
+                             f"{source_entry['examples']} examples.\n")
+    return "".join(lines).replace("BELOW", "below")
+
+
+def _out_of_domain_section(metrics: dict) -> str:
+    ood = metrics.get("out_of_domain")
+    if not ood:
+        return "Not measured for this checkpoint.\n"
+    notes = "".join(f"- {constraint}: not checked, because {reason}.\n" for constraint, reason in ood["not_checked"].items())
+    return (f"Each row trains heads for one constraint ({ood['epochs']} epochs) without the held-out data and "
+            f"compares them with heads trained the same way on all of it.\n\n{out_of_domain_table(ood)}\n\n{notes}")
 
 
 def render_model_card(config: HeadsConfig, metrics: dict) -> str:
-    training = metrics["training"]
+    training, evaluation = metrics["training"], metrics["evaluation"]
     sources = "\n".join(f"| {s.name} | {s.constraint} | {s.licence} | `{s.commit}` |" for s in SOURCES)
     caps = "; ".join(f"{name} " + ", ".join(f"{split} {count}" for split, count in limits.items())
                      for name, limits in training["max_groups"].items()) or "none (every group)"
-    search = ", ".join(f"layer {layer}: {auroc:.3f}" for layer, auroc in metrics["tap_layer_search"].items())
-    causality = metrics["constraints"].get("causality", {})
-    pairwise = causality.get("heads", {}).get("pairwise_accuracy")
-    probe_pairwise = causality.get("linear_probe", {}).get("pairwise_accuracy")
-    pairwise_line = "" if pairwise is None else (
-        f"\ne-CARE pairwise accuracy (the correct hypothesis scores higher): heads {pairwise:.3f}, "
-        f"linear probe {probe_pairwise:.3f}.\n")
+    search = ", ".join(f"layer {layer}: {auroc:.3f}" for layer, auroc in metrics.get("tap_layer_search", {}).items())
+    layer_line = f"Tap layer chosen by mean dev AUROC after {training['search_epochs']} epochs each ({search})." \
+        if search else f"Tap layers fixed at {config.tap_layers}."
+    gaps = "\n".join(f"- {line}" for line in baseline_gaps(evaluation))
     return f"""# {config.name}
 
 Constraint heads for `{config.base_model}` (base-model fingerprint `{config.base_fingerprint}`).
 {len(config.constraints)} constraints ({", ".join(config.constraints)}), {config.heads_per_constraint} attention heads each,
-d_head {config.d_head}, reading the residual stream at hidden_states[{config.tap_layer}].
-A score near 1 means the constraint holds.
+d_head {config.d_head}, reading the residual stream at hidden_states{config.tap_layers}
+{"with a direct readout of each token's own state beside the attention" if config.token_readout else "through attention only"}.
+A score near 1 means the constraint holds. Scores are Platt-calibrated on dev when
+`calibrate` is on (it is: {training["calibrate"]}); thresholds maximise {config.threshold_target} on dev.
 
 ## Data
 | source | constraint | licence | repository@commit |
@@ -89,29 +80,37 @@ sentence or disambiguated rewrite → decidability 1; reasonable justice scenari
 reciprocity 1; premise joined to its correct e-CARE hypothesis ("As a result, ..." for
 effects, "This happened because ..." for causes) → causality 1, to the wrong one → 0.
 Splits are by group: a statement with its negation, a block of four ETHICS scenarios, an
-e-CARE premise with both hypotheses. ETHICS and e-CARE train on their train files; their
-test files are split into dev and test.
+e-CARE premise with both hypotheses. ETHICS and e-CARE train on their train files, and their
+test files are split into dev and test. Groups kept per source and split: {caps}.
 
 ## Training
-The base model stays frozen. Each text is framed as one assistant turn of the chat template,
-the base model runs once, and the heads train on the cached tap-layer states with a logistic
-loss at the text's last token and at the token closing the turn, weighted so that every
-(constraint, label) cell counts equally. AdamW, learning rate {training["learning_rate"]},
-weight decay {training["weight_decay"]}, batch {training["batch_size"]}, seed {training["seed"]}.
-Tap layer chosen by mean dev AUROC after {training["search_epochs"]} epochs each ({search});
-then up to {training["max_epochs"]} epochs on the chosen layer, keeping the best dev epoch.
-Thresholds maximise dev accuracy. Groups kept per source and split: {caps}.
+The base model stays frozen and computes hidden states once, in {training["dtype"]}. Each text
+is framed as one assistant turn of the chat template. The heads train with a logistic loss at
+the text's last token and at the token closing the turn. Class balancing is
+{"on" if training["class_balance"] else "off"}: every (constraint, label) cell counts equally when on.
+Paired data (an AmbiEnt sentence with its rewrites, an e-CARE premise with both hypotheses)
+adds a margin loss with weight {training["pairwise_weight"]}. Negated truth statements are
+{"kept" if training["negations"] else "left out"}. AdamW, learning rate {training["learning_rate"]},
+weight decay {training["weight_decay"]}, batch {training["batch_size"]}, seed {training["seed"]},
+up to {training["max_epochs"]} epochs, keeping the best dev epoch. {layer_line}
+`docs/head-variants.md` lists every recipe that was tried, with its numbers.
 
 ## Metrics (held-out test split)
-The baseline is a logistic-regression probe on the same layer's hidden state at the last
-token, trained on the same train split (threshold calibrated on dev the same way).
-`tracehead heads eval` recomputes this table.
+Generated by `tracehead heads eval --update-card`. Baselines, all scored on the same examples:
+a logistic-regression probe on the tap layer's hidden state at the last token; zero-shot
+prompting of the same base model (P(yes) against P(no) after a question that states the
+constraint, threshold 0.5); all-MiniLM-L6-v2 sentence embeddings with logistic regression
+(a second model pass). Probe and embedding thresholds are chosen on dev like the heads'.
+For SelfAware, a logistic regression on length and style features alone shows how far
+source style separates its classes. ECE is the expected calibration error over {CALIBRATION_BINS} bins.
 
-{_metrics_table(metrics)}
-{pairwise_line}
-Per source:
+{markdown_table(evaluation)}
 
-{_source_rows(metrics)}
+Heads against the best baseline (test AUROC):
 
+{gaps}
+
+## Out-of-domain checks
+{_out_of_domain_section(metrics)}
 ## Known weaknesses
 {_measured_weaknesses(metrics)}{KNOWN_WEAKNESSES}"""

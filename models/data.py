@@ -30,6 +30,12 @@ class Example:
     source: str
     group: str  # rows sharing a group always land in the same split
     split: str
+    subset: str = ""  # the file a truth statement came from, e.g. "neg_facts" or "cities_disj"
+
+    @property
+    def topic(self) -> str:
+        """Topic of a truth statement without its negated, conjunction or disjunction form."""
+        return self.subset.removeprefix("neg_").removesuffix("_conj").removesuffix("_disj")
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,7 @@ def read_truth(folder: Path) -> Iterator[Example]:
         for index, row in enumerate(_read_csv(path)):
             group = f"{topic}:{index}"
             yield Example(row["statement"].strip(), int(row["label"]), "testifiability", "truth-is-universal",
-                          group, _split_for("truth-is-universal", group))
+                          group, _split_for("truth-is-universal", group), subset=stem)
 
 
 def read_selfaware(folder: Path) -> Iterator[Example]:

@@ -22,12 +22,12 @@ logger = logging.getLogger(__name__)
 class PromptTooLongError(ValueError):
     """The prompt plus the requested tokens do not fit in the model's context."""
 
-    def __init__(self, prompt_tokens: int, max_tokens: int, context_length: int):
+    def __init__(self, prompt_tokens: int, max_tokens: int, context_length: int, output_name: str = "max_tokens"):
         self.prompt_tokens, self.max_tokens, self.context_length = prompt_tokens, max_tokens, context_length
         super().__init__(
-            f"the prompt is {prompt_tokens} tokens and max_tokens is {max_tokens}, together "
+            f"the prompt is {prompt_tokens} tokens and {output_name} is {max_tokens}, together "
             f"{prompt_tokens + max_tokens}, but the model's context holds {context_length} tokens. "
-            "Shorten the prompt or lower max_tokens.")
+            f"Shorten the prompt or lower {output_name}.")
 
 
 @dataclass
@@ -75,6 +75,43 @@ class ConstraintModel:
             encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
             return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
         return tokenizer(prompt, add_special_tokens=True).input_ids
+
+    def encode_response(self, prompt: str | None, messages: list[dict[str, str]] | None, response: str,
+                        end_of_turn: bool) -> tuple[list[int], list[int]]:
+        """Tokenize a prompt and a supplied response the way a generation would have produced them."""
+        prompt_ids = self.encode(prompt, messages)
+        output_ids = self.base.tokenizer(response, add_special_tokens=False).input_ids
+        if end_of_turn and self.base.tokenizer.eos_token_id is not None:
+            output_ids.append(self.base.tokenizer.eos_token_id)
+        return prompt_ids, output_ids
+
+    @torch.inference_mode()
+    def score(self, prompt_ids: list[int], output_ids: list[int]) -> tuple[list[TokenTrace], list[TokenTrace]]:
+        """Run prompt + a given output through both models in one pass; return both traces.
+
+        The output tokens get the logprobs the model would have given them, so
+        the traces have the same shape as a generation's.
+        """
+        if not output_ids:
+            raise ValueError("nothing to score: the response has no tokens")
+        if len(prompt_ids) + len(output_ids) > self.base.context_length:
+            raise PromptTooLongError(len(prompt_ids), len(output_ids), self.base.context_length, "the response (in tokens)")
+        sequence = torch.tensor([prompt_ids + output_ids], device=self.base.device)
+        # Logits at position i predict token i + 1, so one more than the output is kept.
+        outputs = self.base.model(input_ids=sequence, output_hidden_states=True, logits_to_keep=len(output_ids) + 1)
+        logprobs = torch.log_softmax(outputs.logits[0, :-1].float(), dim=-1)
+        output_logprobs = logprobs[torch.arange(len(output_ids)), torch.tensor(output_ids)].tolist()
+        heads_out = self.heads(self.heads.select_hidden_states(outputs.hidden_states).to(self.heads.readout_bias.dtype))
+
+        logits, weights = heads_out.constraint_logits[0], heads_out.attention_weights[0]
+        prompt_pieces = IncrementalDetokenizer(self.base.tokenizer)
+        output_pieces = IncrementalDetokenizer(self.base.tokenizer)
+        split = len(prompt_ids)
+        prompt_trace = self.trace_tokens(0, prompt_ids, [prompt_pieces.push(t) for t in prompt_ids],
+                                         [None] * split, logits[:split], weights[:, :split])
+        output_trace = self.trace_tokens(split, output_ids, [output_pieces.push(t) for t in output_ids],
+                                         output_logprobs, logits[split:], weights[:, split:])
+        return prompt_trace, output_trace
 
     def start(self, input_ids: list[int], params: SamplingParams) -> "DecodeSession":
         if len(input_ids) + params.max_tokens > self.base.context_length:
@@ -146,7 +183,7 @@ class DecodeSession:
         return self.prompt_trace
 
     def _run_heads(self, hidden_states: tuple[torch.Tensor, ...]):
-        tap = hidden_states[self.model.heads.config.tap_layer].to(self.model.heads.readout_bias.dtype)
+        tap = self.model.heads.select_hidden_states(hidden_states).to(self.model.heads.readout_bias.dtype)
         heads_out = self.model.heads(tap, cache=self._heads_cache)
         self._heads_cache = heads_out.cache
         return heads_out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,10 +60,26 @@ class HiddenStates:
 
 def _cache_key(base: BaseModel, framed: list[FramedText], layers: list[int]) -> str:
     digest = hashlib.sha256(base.fingerprint.encode())
+    digest.update(str(next(base.model.parameters()).dtype).encode())
     digest.update(repr(sorted(layers)).encode())
     for item in framed:
         digest.update(repr(item.input_ids).encode())
     return digest.hexdigest()[:24]
+
+
+@contextmanager
+def _first_layers(decoder: torch.nn.Module, count: int):
+    """Run only the first ``count`` decoder layers; hidden_states[i] for i < count stay exact.
+
+    The model's last hidden state is taken after its final norm, so callers
+    keep one layer more than the deepest index they read.
+    """
+    layers = decoder.layers
+    decoder.layers = torch.nn.ModuleList(list(layers)[:count])
+    try:
+        yield
+    finally:
+        decoder.layers = layers
 
 
 @torch.inference_mode()
@@ -85,6 +102,16 @@ def extract_hidden_states(base: BaseModel, framed: list[FramedText], layers: lis
     # Batches of similar length waste little compute on padding.
     order = sorted(range(len(framed)), key=lambda i: lengths[i])
     decoder = base.model.base_model
+    with _first_layers(decoder, max(layers) + 1):
+        _run_batches(base, decoder, framed, layers, order, lengths, offsets, packed, batch_size, description)
+
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"layers": packed, "offsets": offsets}, cache_path)
+    return HiddenStates(packed, offsets)
+
+
+def _run_batches(base, decoder, framed, layers, order, lengths, offsets, packed, batch_size, description) -> None:
     for start in tqdm(range(0, len(order), batch_size), desc=description, unit="batch"):
         batch = order[start:start + batch_size]
         width = max(lengths[i] for i in batch)
@@ -99,8 +126,3 @@ def extract_hidden_states(base: BaseModel, framed: list[FramedText], layers: lis
             states = outputs.hidden_states[layer].float().cpu()
             for row, index in enumerate(batch):
                 packed[layer][offsets[index]:offsets[index + 1]] = states[row, :lengths[index]]
-
-    if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"layers": packed, "offsets": offsets}, cache_path)
-    return HiddenStates(packed, offsets)

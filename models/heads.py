@@ -35,11 +35,13 @@ class HeadsConfig:
     """Shape and identity of a head checkpoint, stored as heads.json."""
 
     constraints: list[str]
-    d_model: int
-    tap_layer: int  # index into hidden_states: 0 is the embedding output
+    d_model: int  # hidden size of the base model
+    tap_layers: list[int]  # indices into hidden_states (0 is the embedding output), concatenated
     d_head: int = 64
     heads_per_constraint: int = 2
+    token_readout: bool = False  # also read each constraint's logit from the token's own hidden state
     thresholds: dict[str, float] = field(default_factory=dict)
+    threshold_target: str = "balanced_accuracy"  # what the thresholds were chosen to maximise on dev
     base_model: str = ""
     base_fingerprint: str = ""
     name: str = "constraint-heads"  # recorded with every judgment made with these heads
@@ -47,6 +49,10 @@ class HeadsConfig:
     @property
     def num_heads(self) -> int:
         return len(self.constraints) * self.heads_per_constraint
+
+    @property
+    def input_size(self) -> int:
+        return self.d_model * len(self.tap_layers)
 
     def threshold(self, constraint: str) -> float:
         return self.thresholds.get(constraint, 0.5)
@@ -77,14 +83,26 @@ class ConstraintHeads(nn.Module):
         super().__init__()
         self.config = config
         width = config.num_heads * config.d_head
-        self.norm = nn.LayerNorm(config.d_model)
-        self.q_proj = nn.Linear(config.d_model, width)
-        self.k_proj = nn.Linear(config.d_model, width)
-        self.v_proj = nn.Linear(config.d_model, width)
+        # Each tap layer has its own scale (middle layers carry a few very large values), so each gets its own norm.
+        self.norms = nn.ModuleList(nn.LayerNorm(config.d_model) for _ in config.tap_layers)
+        self.q_proj = nn.Linear(config.input_size, width)
+        self.k_proj = nn.Linear(config.input_size, width)
+        self.v_proj = nn.Linear(config.input_size, width)
         # One readout row per constraint over the concatenated outputs of its heads.
         per_constraint = config.heads_per_constraint * config.d_head
         self.readout_weight = nn.Parameter(torch.randn(len(config.constraints), per_constraint) / math.sqrt(per_constraint))
         self.readout_bias = nn.Parameter(torch.zeros(len(config.constraints)))
+        if config.token_readout:
+            self.token_readout = nn.Linear(config.input_size, len(config.constraints), bias=False)
+            nn.init.zeros_(self.token_readout.weight)
+
+    def select_hidden_states(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Concatenate the tap layers from a base model's ``output_hidden_states``."""
+        return torch.cat([hidden_states[layer] for layer in self.config.tap_layers], dim=-1)
+
+    def _normalise(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        chunks = hidden_states.split(self.config.d_model, dim=-1)
+        return torch.cat([norm(chunk) for norm, chunk in zip(self.norms, chunks)], dim=-1)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -95,7 +113,7 @@ class ConstraintHeads(nn.Module):
         """Score ``t`` new positions given everything in ``cache`` before them.
 
         Args:
-            hidden_states: (B, t, d_model) tap-layer residual stream of the new positions.
+            hidden_states: (B, t, d_model * len(tap_layers)) tap-layer residual streams of the new positions.
             attention_mask: (B, t) with 1 for real tokens and 0 for padding; default all real.
             cache: keys and values of earlier positions; None for a full-sequence pass.
 
@@ -104,7 +122,7 @@ class ConstraintHeads(nn.Module):
         """
         B, t, _ = hidden_states.shape
         cfg = self.config
-        normed = self.norm(hidden_states)
+        normed = self._normalise(hidden_states)
         query = self._split_heads(self.q_proj(normed))
         key = self._split_heads(self.k_proj(normed))
         value = self._split_heads(self.v_proj(normed))
@@ -129,8 +147,22 @@ class ConstraintHeads(nn.Module):
         C, H = len(cfg.constraints), cfg.heads_per_constraint
         per_constraint = attended.view(B, C, H, t, cfg.d_head).permute(0, 3, 1, 2, 4).reshape(B, t, C, H * cfg.d_head)
         constraint_logits = (per_constraint * self.readout_weight).sum(-1) + self.readout_bias
+        if self.config.token_readout:
+            constraint_logits = constraint_logits + self.token_readout(normed)
         constraint_weights = weights.view(B, C, H, t, T).mean(dim=2)
         return HeadsOutput(constraint_logits, constraint_weights, HeadsCache(key, value, new_mask))
+
+    @torch.no_grad()
+    def rescale_logits(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """Fold a per-constraint affine map of the logits (Platt scaling) into the readout.
+
+        Args:
+            scale, shift: (C,) so that new logit = scale * logit + shift.
+        """
+        self.readout_weight.mul_(scale[:, None])
+        self.readout_bias.mul_(scale).add_(shift)
+        if self.config.token_readout:
+            self.token_readout.weight.mul_(scale[:, None])
 
     def fingerprint(self) -> str:
         return fingerprint_tensors(self.state_dict())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 import logging
 import sys
 from pathlib import Path
@@ -18,6 +19,8 @@ METRIC_TOLERANCE = 0.002
 
 def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Alembic logs each plugin and migration step at INFO; the store logs the upgrade itself.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -41,81 +44,145 @@ def cmd_models_fetch(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _load_base(settings: Settings):
+def _load_base(settings: Settings, dtype: str):
+    """Load the base model in the precision that training and evaluation use for hidden states."""
+    import torch
+
     from models.base import load_base_model
     from server.runtime import ensure_default_model
 
     ensure_default_model(settings)
-    return load_base_model(settings.model_path, settings.torch_device, settings.torch_dtype)
+    return load_base_model(settings.model_path, settings.torch_device, getattr(torch, dtype))
 
 
 def cmd_heads_train(args: argparse.Namespace, settings: Settings) -> int:
     from models.card import render_model_card
+    from models.evaluate import evaluate, out_of_domain
     from models.heads import save_checkpoint
-    from models.train import TrainConfig, run_training
+    from models.report import baseline_gaps, format_table
+    from models.train import TrainConfig, fit_heads, prepare_datasets
 
-    config = TrainConfig()
+    config = TrainConfig(threshold_target=args.threshold_target)
     if args.layers:
         config.candidate_layers = [int(layer) for layer in args.layers.split(",")]
     if args.max_epochs:
         config.max_epochs = args.max_epochs
-    base = _load_base(settings)
-    heads, metrics = run_training(base, Path(args.data_dir), config, settings.cache_dir / "hidden")
+    base = _load_base(settings, config.dtype)
+    datasets = prepare_datasets(base, Path(args.data_dir), config, settings.cache_dir / "hidden")
+    heads, layer_search = fit_heads(datasets, config, base)
     heads.config.name = args.name or Path(args.output).name
+
+    metrics = {"evaluation": evaluate(heads, datasets, base, config), "tap_layer_search": layer_search,
+               "out_of_domain": out_of_domain(heads, datasets, base, config), "training": asdict(config)}
     save_checkpoint(Path(args.output), heads, metrics, render_model_card(heads.config, metrics))
-    print(format_metrics(metrics))
+    print(format_table(metrics["evaluation"]))
+    print("\n".join(baseline_gaps(metrics["evaluation"])))
     print(f"Wrote head checkpoint to {args.output}")
     return 0
 
 
 def cmd_heads_eval(args: argparse.Namespace, settings: Settings) -> int:
-    from models.heads import METRICS_FILE, load_checkpoint
-    from models.train import TrainConfig, evaluate_checkpoint, prepare_datasets
+    from models.card import render_model_card
+    from models.evaluate import evaluate
+    from models.heads import CARD_FILE, METRICS_FILE, load_checkpoint
+    from models.report import baseline_gaps, format_table
+    from models.train import TrainConfig, prepare_datasets
 
     heads_dir = Path(args.heads) if args.heads else settings.heads_path
-    base = _load_base(settings)
-    heads = load_checkpoint(heads_dir, base.fingerprint)
     stored_path = heads_dir / METRICS_FILE
     stored = json.loads(stored_path.read_text()) if stored_path.exists() else None
     config = TrainConfig(**stored["training"]) if stored else TrainConfig()
+    base = _load_base(settings, config.dtype)
+    heads = load_checkpoint(heads_dir, base.fingerprint)
 
     datasets = prepare_datasets(base, Path(args.data_dir), config, settings.cache_dir / "hidden")
-    metrics = evaluate_checkpoint(heads, datasets)
-    print(format_metrics(metrics))
+    evaluation = evaluate(heads, datasets, base, config)
+    print(format_table(evaluation))
+    print("\n".join(baseline_gaps(evaluation)))
+    if args.update_card:
+        metrics = (stored or {"training": asdict(config)}) | {"evaluation": evaluation}
+        stored_path.write_text(json.dumps(metrics, indent=2) + "\n")
+        (heads_dir / CARD_FILE).write_text(render_model_card(heads.config, metrics))
+        print(f"Wrote {stored_path} and {heads_dir / CARD_FILE} from this run")
+        return 0
     if stored is None:
         print(f"No {METRICS_FILE} in {heads_dir} to compare with.")
         return 0
-    mismatches = compare_metrics(stored, metrics)
+    mismatches = compare_metrics(stored["evaluation"], evaluation)
     for line in mismatches:
         print("MISMATCH " + line)
     print(f"{'All numbers match' if not mismatches else 'Numbers differ from'} {stored_path}")
     return 1 if mismatches else 0
 
 
-def format_metrics(metrics: dict) -> str:
-    """Render the per-constraint table of heads versus the linear-probe baseline."""
-    lines = [f"Test split, tap layer {metrics['tap_layer']}",
-             f"{'constraint':<16}{'n':>6}{'heads AUROC':>13}{'heads acc':>11}{'probe AUROC':>13}{'probe acc':>11}"]
-    for constraint, entry in metrics["constraints"].items():
-        heads, probe = entry["heads"], entry["linear_probe"]
-        lines.append(f"{constraint:<16}{entry['examples']:>6}{heads['auroc']:>13.4f}{heads['accuracy']:>11.4f}"
-                     f"{probe['auroc']:>13.4f}{probe['accuracy']:>11.4f}")
-        if "pairwise_accuracy" in heads:
-            lines.append(f"{'  pairwise':<16}{'':>6}{heads['pairwise_accuracy']:>13.4f}{'':>11}"
-                         f"{probe['pairwise_accuracy']:>13.4f}")
-    return "\n".join(lines)
+def cmd_heads_experiment(args: argparse.Namespace, settings: Settings) -> int:
+    from models.data import CONSTRAINTS
+    from models.experiments import run_variants, variants_markdown
+    from models.train import TrainConfig, prepare_datasets
+
+    config = TrainConfig(max_epochs=args.max_epochs)
+    base = _load_base(settings, config.dtype)
+    datasets = prepare_datasets(base, Path(args.data_dir), config, settings.cache_dir / "hidden")
+    names = args.variants.split(",") if args.variants else None
+    results = run_variants(datasets, base, config, [int(layer) for layer in args.layers.split(",")], names)
+    output = Path(args.output)
+    output.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    print(variants_markdown(results, list(CONSTRAINTS)))
+    print(f"Wrote {output.with_suffix('.json')}")
+    return 0
 
 
 def compare_metrics(stored: dict, measured: dict) -> list[str]:
     """List every reported number that differs by more than METRIC_TOLERANCE."""
+    from models.report import report_rows
+
+    measured_rows = {(c, s, m): metrics for c, s, _, m, metrics in report_rows(measured)}
     mismatches = []
-    for constraint, entry in stored["constraints"].items():
-        for method in ("heads", "linear_probe"):
-            for name, value in entry[method].items():
-                now = measured["constraints"].get(constraint, {}).get(method, {}).get(name)
-                if now is None or abs(now - value) > METRIC_TOLERANCE:
-                    mismatches.append(f"{constraint} {method} {name}: stored {value}, measured {now}")
+    for constraint, source, _, method, metrics in report_rows(stored):
+        now = measured_rows.get((constraint, source, method), {})
+        for name, value in metrics.items():
+            if value is None or name == "threshold":
+                continue
+            if now.get(name) is None or abs(now[name] - value) > METRIC_TOLERANCE:
+                mismatches.append(f"{constraint} {source} {method} {name}: stored {value}, measured {now.get(name)}")
     return mismatches
+
+
+def cmd_score(args: argparse.Namespace, settings: Settings) -> int:
+    """Judge a supplied response without generating, and commit the judgment to the audit store."""
+    import time
+    import uuid
+    from datetime import datetime, timezone
+
+    from models.judgment import assemble_judgment
+    from server.records import build_record, generation_body
+    from server.runtime import load_model
+    from server.schemas import ScoreRequest
+    from server.store import AuditStore, create_engine_for, new_judgment_id, upgrade_database
+    from server.worker import GenerationResult
+
+    messages = json.loads(Path(args.messages).read_text()) if args.messages else None
+    body = ScoreRequest(prompt=args.prompt, messages=messages, response=args.response,
+                        end_of_turn=not args.no_end_of_turn, metadata=dict(args.metadata or []))
+    engine = create_engine_for(settings.resolved_database_url)
+    upgrade_database(engine)
+    model = load_model(settings)
+
+    created_at, started = datetime.now(timezone.utc), time.perf_counter()
+    prompt_ids, output_ids = model.encode_response(body.prompt, messages, body.response, body.end_of_turn)
+    prompt_trace, output_trace = model.score(prompt_ids, output_ids)
+    result = GenerationResult(prompt_trace, output_trace, "", "supplied", None, 0.0,
+                              (time.perf_counter() - started) * 1000)
+    judgment = assemble_judgment(output_trace, prompt_trace, model.heads.config)
+    record = build_record(new_judgment_id(), f"cli-{uuid.uuid4().hex}", created_at, body,
+                          {"end_of_turn": body.end_of_turn}, result, judgment, model, model.heads.fingerprint(),
+                          kind="score", output=body.response)
+    AuditStore(engine).save(record)
+    rendered = generation_body(record)
+    if not args.trace:
+        rendered.pop("trace")
+    print(json.dumps(rendered, indent=2))
+    return 0
 
 
 def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
@@ -148,11 +215,33 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--name", help="checkpoint name recorded with judgments (default: the output folder's name)")
     train.add_argument("--layers", help="comma-separated candidate tap layers, e.g. 6,10,14")
     train.add_argument("--max-epochs", type=int, help="epochs on the chosen tap layer")
+    train.add_argument("--threshold-target", default="balanced_accuracy",
+                       help="what thresholds maximise on dev: balanced_accuracy, accuracy, or precision:P (e.g. precision:0.9)")
     train.set_defaults(handler=cmd_heads_train)
-    evaluate = heads.add_parser("eval", help="score a checkpoint and the linear-probe baseline on the test split")
+    evaluate = heads.add_parser("eval", help="score a checkpoint and three baselines on the test split")
     evaluate.add_argument("--data-dir", required=True, help="directory holding the labelled data sets")
     evaluate.add_argument("--heads", help="checkpoint directory (default: TRACEHEAD_HEADS_PATH)")
+    evaluate.add_argument("--update-card", action="store_true",
+                          help="write this run's numbers into metrics.json and MODEL_CARD.md instead of comparing")
     evaluate.set_defaults(handler=cmd_heads_eval)
+
+    experiment = heads.add_parser("experiment", help="train and score every head recipe variant on the same data")
+    experiment.add_argument("--data-dir", required=True, help="directory holding the labelled data sets")
+    experiment.add_argument("--output", required=True, help="results file; JSON is written beside it as NAME.json")
+    experiment.add_argument("--layers", default="14", help="tap layers of every variant that does not set its own")
+    experiment.add_argument("--variants", help="comma-separated variant names (default: all)")
+    experiment.add_argument("--max-epochs", type=int, default=6, help="epochs per variant; the best dev epoch is kept")
+    experiment.set_defaults(handler=cmd_heads_experiment)
+
+    score = commands.add_parser("score", help="judge a supplied response without generating and log the judgment")
+    source = score.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the raw prompt the response answered")
+    source.add_argument("--messages", help="JSON file with the chat messages the response answered")
+    score.add_argument("--response", required=True, help="the response to judge")
+    score.add_argument("--no-end-of-turn", action="store_true", help="the response was cut off, so no end-of-turn token")
+    score.add_argument("--metadata", nargs=2, action="append", metavar=("KEY", "VALUE"), help="stored with the judgment")
+    score.add_argument("--trace", action="store_true", help="print the per-token trace too")
+    score.set_defaults(handler=cmd_score)
 
     db = commands.add_parser("db", help="manage the audit database").add_subparsers(dest="action", required=True)
     upgrade = db.add_parser("upgrade", help="apply every pending migration")

@@ -51,7 +51,11 @@ def _describe(error: dict) -> str:
     if error.get("type") == "json_invalid":
         reason = error.get("ctx", {}).get("error", "JSON decode error")
         return f"the request body is not valid JSON ({reason} at character {error['loc'][-1]}); send a JSON object"
-    return f"{_location(error['loc'])}: {error['msg'].removeprefix('Value error, ')}"
+    message = f"{_location(error['loc'])}: {error['msg'].removeprefix('Value error, ')}"
+    received = error.get("input")
+    if error.get("type") != "missing" and isinstance(received, (bool, int, float, str)):
+        message += f" (received {str(received)[:80]!r})" if isinstance(received, str) else f" (received {received})"
+    return message
 
 
 def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

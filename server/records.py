@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from models.decode import SamplingParams, TokenTrace
+from models.decode import ConstraintModel, TokenTrace
 from models.judgment import Judgment
-from server.schemas import GenerateRequest
+from server.schemas import PromptInput
 from server.store import JudgmentRecord, VerdictRecord
 from server.worker import GenerationResult
 
@@ -21,16 +21,19 @@ def trace_token_dict(trace: TokenTrace) -> dict:
             "attention": {c: [[position, weight] for position, weight in pairs] for c, pairs in trace.attention.items()}}
 
 
-def build_record(judgment_id: str, request_id: str, created_at: datetime, body: GenerateRequest,
-                 params: SamplingParams, result: GenerationResult, judgment: Judgment, runtime) -> JudgmentRecord:
-    """Assemble everything about one finished generation into the record to commit."""
+def request_input(body: PromptInput) -> dict:
+    """Return the model input as sent: {"prompt": ...} or {"messages": [...]}."""
+    if body.prompt is not None:
+        return {"prompt": body.prompt}
+    return {"messages": [message.model_dump() for message in body.messages]}
+
+
+def build_record(judgment_id: str, request_id: str, created_at: datetime, body: PromptInput, parameters: dict,
+                 result: GenerationResult, judgment: Judgment, model: ConstraintModel, heads_fingerprint: str,
+                 kind: str, output: str) -> JudgmentRecord:
+    """Assemble everything about one finished generation or scoring into the record to commit."""
     completed_at = datetime.now(timezone.utc)
-    model, heads_config = runtime.model, runtime.model.heads.config
-    request_input = {"prompt": body.prompt} if body.prompt is not None else \
-        {"messages": [message.model_dump() for message in body.messages]}
-    parameters = {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,
-                  "seed": result.seed, "seed_from_request": params.seed is not None, "stop": params.stop,
-                  "top_k_attention": model.top_k_attention}
+    heads_config = model.heads.config
     trace = {"constraints": list(heads_config.constraints),
              "prompt_tokens": [trace_token_dict(t) for t in result.prompt_trace],
              "output_tokens": [trace_token_dict(t) for t in result.output_trace]}
@@ -39,11 +42,12 @@ def build_record(judgment_id: str, request_id: str, created_at: datetime, body: 
     return JudgmentRecord(
         id=judgment_id, created_at=created_at, completed_at=completed_at, request_id=request_id,
         model_name=model.base.name, model_fingerprint=model.base.fingerprint,
-        heads_name=heads_config.name, heads_fingerprint=runtime.heads_fingerprint,
-        prompt=request_input, output=result.text, parameters=parameters, finish_reason=result.finish_reason,
+        heads_name=heads_config.name, heads_fingerprint=heads_fingerprint,
+        prompt=request_input(body), output=output,
+        parameters=parameters | {"top_k_attention": model.top_k_attention}, finish_reason=result.finish_reason,
         status="completed", prompt_tokens=len(result.prompt_trace), completion_tokens=len(result.output_trace),
         latency_ms=round((completed_at - created_at).total_seconds() * 1000, 3), flagged=judgment.flagged,
-        metadata=body.metadata or {}, verdicts=verdicts, trace=trace)
+        metadata=body.metadata or {}, verdicts=verdicts, trace=trace, kind=kind)
 
 
 def _judgment_summary(record: JudgmentRecord, order: list[str] | None) -> dict:
@@ -64,7 +68,7 @@ def _usage(record: JudgmentRecord) -> dict:
 def generation_body(record: JudgmentRecord) -> dict:
     """Render the response to a generation request."""
     return {"id": record.id, "object": "judgment", "created_at": record.created_at.isoformat(),
-            "model": record.model_name, "heads": record.heads_name, "text": record.output,
+            "model": record.model_name, "heads": record.heads_name, "kind": record.kind, "text": record.output,
             "finish_reason": record.finish_reason, "usage": _usage(record),
             "judgment": _judgment_summary(record, record.trace["constraints"]), "trace": record.trace}
 
@@ -79,7 +83,7 @@ def record_body(record: JudgmentRecord) -> dict:
 
 
 def list_item_body(record: JudgmentRecord, constraint_order: list[str]) -> dict:
-    return {"id": record.id, "created_at": record.created_at.isoformat(), "model": record.model_name,
+    return {"id": record.id, "kind": record.kind, "created_at": record.created_at.isoformat(), "model": record.model_name,
             "heads": record.heads_name, "text": record.output, "finish_reason": record.finish_reason,
             "flagged": record.flagged, "usage": _usage(record),
             "judgment": _judgment_summary(record, constraint_order), "metadata": record.metadata}

@@ -39,39 +39,14 @@ class ChatMessage(BaseModel):
         return value
 
 
-class GenerateRequest(BaseModel):
-    """A generation: exactly one of ``prompt`` (raw text) or ``messages`` (chat template applied)."""
+class PromptInput(BaseModel):
+    """What the model reads: exactly one of ``prompt`` (raw text) or ``messages`` (chat template applied)."""
 
     model_config = ConfigDict(extra="forbid")
 
     prompt: str | None = Field(None, description="Raw prompt text, sent to the model as it is.")
     messages: list[ChatMessage] | None = Field(None, min_length=1, description="Chat messages; the model's chat template is applied.")
-    max_tokens: int | None = Field(None, ge=1, strict=True, description="Most tokens to generate; the default fills the context up to the server's default_max_tokens.")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="Sampling temperature; 0 is greedy.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass in (0, 1].")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, strict=True, description="Seed for reproducible sampling; the used seed is stored either way.")
-    stop: list[str] | None = Field(None, description=f"Up to {MAX_STOP_SEQUENCES} strings that end generation; not included in the text.")
     metadata: dict[str, str] | None = Field(None, description=f"Up to {MAX_METADATA_KEYS} string pairs stored with the judgment.")
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_as_list(cls, value):
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, value: list[str] | None) -> list[str] | None:
-        if value is None:
-            return value
-        if len(value) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(value)}")
-        for sequence in value:
-            if not sequence:
-                raise ValueError("stop sequences must not be empty strings")
-            _check_unicode("stop sequence", sequence)
-            if len(sequence) > MAX_STOP_LENGTH:
-                raise ValueError(f"a stop sequence may be at most {MAX_STOP_LENGTH} characters, got {len(sequence)}")
-        return value
 
     @field_validator("metadata")
     @classmethod
@@ -100,10 +75,55 @@ class GenerateRequest(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _exactly_one_input(self) -> "GenerateRequest":
+    def _exactly_one_input(self) -> "PromptInput":
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("send exactly one of `prompt` or `messages`")
         return self
+
+
+class GenerateRequest(PromptInput):
+    """A generation request."""
+
+    max_tokens: int | None = Field(None, ge=1, strict=True, description="Most tokens to generate; the default fills the context up to the server's default_max_tokens.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="Sampling temperature; 0 is greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass in (0, 1].")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, strict=True, description="Seed for reproducible sampling; the used seed is stored either way.")
+    stop: list[str] | None = Field(None, description=f"Up to {MAX_STOP_SEQUENCES} strings that end generation; not included in the text.")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        if len(value) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(value)}")
+        for sequence in value:
+            if not sequence:
+                raise ValueError("stop sequences must not be empty strings")
+            _check_unicode("stop sequence", sequence)
+            if len(sequence) > MAX_STOP_LENGTH:
+                raise ValueError(f"a stop sequence may be at most {MAX_STOP_LENGTH} characters, got {len(sequence)}")
+        return value
+
+
+class ScoreRequest(PromptInput):
+    """A text to judge without generating: the prompt it answered and the response itself."""
+
+    response: str = Field(min_length=1, max_length=1_000_000, description="The output to judge, as the model's turn.")
+    end_of_turn: bool = Field(True, description=(
+        "Append the end-of-turn token after the response, as a generation that stopped on its own ends; "
+        "false for a response that was cut off."))
+
+    @field_validator("response")
+    @classmethod
+    def _check_response(cls, value: str) -> str:
+        _check_unicode("response", value)
+        return value
 
 
 class Usage(BaseModel):
@@ -147,8 +167,10 @@ class GenerateResponse(BaseModel):
     created_at: datetime
     model: str
     heads: str
+    kind: Literal["generation", "score"] = Field(description="A generation, or a score of a supplied response.")
     text: str
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "supplied"] = Field(
+        description='"supplied" for a scored response, which the caller wrote rather than the model.')
     usage: Usage
     judgment: JudgmentSummary
     trace: Trace
@@ -170,6 +192,7 @@ class JudgmentRecordResponse(GenerateResponse):
 
 class JudgmentListItem(BaseModel):
     id: str
+    kind: str
     created_at: datetime
     model: str
     heads: str

@@ -8,6 +8,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from models.decode import ConstraintModel, SamplingParams, TokenTrace
@@ -22,7 +23,7 @@ class GenerationResult:
     output_trace: list[TokenTrace]
     text: str
     finish_reason: str
-    seed: int
+    seed: int | None  # None for a scored text, which samples nothing
     queued_ms: float
     generation_ms: float
 
@@ -30,8 +31,7 @@ class GenerationResult:
 @dataclass
 class _Job:
     request_id: str
-    input_ids: list[int]
-    params: SamplingParams
+    task: Callable[[float], GenerationResult]  # runs on the worker thread; gets the enqueue time
     future: Future
     enqueued_at: float
 
@@ -68,10 +68,20 @@ class GenerationWorker:
         return self._queue.qsize()
 
     async def generate(self, request_id: str, input_ids: list[int], params: SamplingParams) -> GenerationResult:
+        """Queue a generation and wait for it."""
+        return await self._submit(request_id, lambda enqueued_at: self._generate(request_id, input_ids, params,
+                                                                                 enqueued_at))
+
+    async def score(self, request_id: str, prompt_ids: list[int], output_ids: list[int]) -> GenerationResult:
+        """Queue the scoring of a supplied output and wait for it."""
+        return await self._submit(request_id, lambda enqueued_at: self._score(request_id, prompt_ids, output_ids,
+                                                                              enqueued_at))
+
+    async def _submit(self, request_id: str, task: Callable[[float], GenerationResult]) -> GenerationResult:
         if self._stopping:
             raise ApiError(503, "the generation worker is stopping with the server; retry on another replica "
                            "or after the restart", type="service_unavailable", code="worker_stopping")
-        job = _Job(request_id, input_ids, params, Future(), time.perf_counter())
+        job = _Job(request_id, task, Future(), time.perf_counter())
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -84,18 +94,29 @@ class GenerationWorker:
             if not job.future.set_running_or_notify_cancel():
                 continue
             try:
-                job.future.set_result(self._generate(job))
+                job.future.set_result(job.task(job.enqueued_at))
             except Exception as exc:  # the error travels to the waiting request, which maps it
                 logger.exception("Generation failed for request %s", job.request_id)
                 job.future.set_exception(exc)
 
-    def _generate(self, job: _Job) -> GenerationResult:
+    def _generate(self, request_id: str, input_ids: list[int], params: SamplingParams,
+                  enqueued_at: float) -> GenerationResult:
         started = time.perf_counter()
-        session = self.model.start(job.input_ids, job.params)
+        session = self.model.start(input_ids, params)
         session.prefill()
         session.run()
         finished = time.perf_counter()
-        logger.info("Request %s: %d prompt + %d output tokens in %.0f ms (%s)", job.request_id,
-                    len(job.input_ids), len(session.output_ids), (finished - started) * 1000, session.finish_reason)
+        logger.info("Request %s: %d prompt + %d output tokens in %.0f ms (%s)", request_id,
+                    len(input_ids), len(session.output_ids), (finished - started) * 1000, session.finish_reason)
         return GenerationResult(session.prompt_trace, session.output_trace, session.text, session.finish_reason,
-                                session.seed, (started - job.enqueued_at) * 1000, (finished - started) * 1000)
+                                session.seed, (started - enqueued_at) * 1000, (finished - started) * 1000)
+
+    def _score(self, request_id: str, prompt_ids: list[int], output_ids: list[int],
+               enqueued_at: float) -> GenerationResult:
+        started = time.perf_counter()
+        prompt_trace, output_trace = self.model.score(prompt_ids, output_ids)
+        finished = time.perf_counter()
+        logger.info("Request %s: scored %d prompt + %d supplied tokens in %.0f ms", request_id,
+                    len(prompt_ids), len(output_ids), (finished - started) * 1000)
+        return GenerationResult(prompt_trace, output_trace, "", "supplied", None,
+                                (started - enqueued_at) * 1000, (finished - started) * 1000)

@@ -51,7 +51,7 @@ def build_tiny_base(seed: int = 0) -> BaseModel:
 
 def build_tiny_heads(base: BaseModel, seed: int = 0) -> ConstraintHeads:
     torch.manual_seed(seed)
-    config = HeadsConfig(list(CONSTRAINTS), base.hidden_size, tap_layer=2, d_head=8, heads_per_constraint=2,
+    config = HeadsConfig(list(CONSTRAINTS), base.hidden_size, tap_layers=[2], d_head=8, heads_per_constraint=2,
                          thresholds={c: 0.5 for c in CONSTRAINTS}, base_model=base.name,
                          base_fingerprint=base.fingerprint, name="tiny-heads")
     return ConstraintHeads(config).eval()

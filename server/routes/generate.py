@@ -13,7 +13,7 @@ from models.judgment import assemble_judgment
 from server.dependencies import RuntimeDep
 from server.errors import ApiError
 from server.records import build_record, generation_body
-from server.schemas import GenerateRequest, GenerateResponse
+from server.schemas import GenerateRequest, GenerateResponse, ScoreRequest
 from server.settings import Settings
 from server.store import new_judgment_id
 
@@ -49,8 +49,35 @@ async def generate(body: GenerateRequest, runtime: RuntimeDep, request: Request)
     result = await runtime.worker.generate(request_id, input_ids, params)
     judgment = assemble_judgment(result.output_trace, result.prompt_trace, runtime.model.heads.config)
 
-    # The record is committed before the response exists: no output without a record.
-    record = build_record(new_judgment_id(), request_id, created_at, body, params, result, judgment, runtime)
+    parameters = {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,
+                  "seed": result.seed, "seed_from_request": params.seed is not None, "stop": params.stop}
+    record = build_record(new_judgment_id(), request_id, created_at, body, parameters, result, judgment,
+                          runtime.model, runtime.heads_fingerprint, kind="generation", output=result.text)
+    return await commit_and_render(runtime, record)
+
+
+async def commit_and_render(runtime, record) -> dict:
+    """Commit the record, then render the response: no output leaves without a record."""
     await run_in_threadpool(runtime.store.save, record)
-    logger.info("Request %s committed judgment %s (flagged=%s)", request_id, record.id, record.flagged)
+    logger.info("Request %s committed judgment %s (kind=%s, flagged=%s)", record.request_id, record.id, record.kind,
+                record.flagged)
     return generation_body(record)
+
+
+@router.post("/v1/score", response_model=GenerateResponse)
+async def score(body: ScoreRequest, runtime: RuntimeDep, request: Request) -> dict:
+    """Judge a supplied response to a prompt without generating; logged like any judgment."""
+    created_at = datetime.now(timezone.utc)
+    messages = [message.model_dump() for message in body.messages] if body.messages is not None else None
+    prompt_ids, output_ids = await run_in_threadpool(runtime.model.encode_response, body.prompt, messages,
+                                                     body.response, body.end_of_turn)
+    context_length = runtime.model.base.context_length
+    if len(prompt_ids) + len(output_ids) > context_length:
+        raise PromptTooLongError(len(prompt_ids), len(output_ids), context_length, "the response (in tokens)")
+
+    result = await runtime.worker.score(request.state.request_id, prompt_ids, output_ids)
+    judgment = assemble_judgment(result.output_trace, result.prompt_trace, runtime.model.heads.config)
+    record = build_record(new_judgment_id(), request.state.request_id, created_at, body,
+                          {"end_of_turn": body.end_of_turn}, result, judgment, runtime.model,
+                          runtime.heads_fingerprint, kind="score", output=body.response)
+    return await commit_and_render(runtime, record)

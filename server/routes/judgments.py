@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
@@ -34,6 +34,7 @@ async def list_judgments(
     max_score: Annotated[float | None, Query(ge=0, le=1)] = None,
     passed: Annotated[bool | None, Query(description="Only judgments where `constraint` passed (true) or failed (false).")] = None,
     flagged: Annotated[bool | None, Query()] = None,
+    kind: Annotated[Literal["generation", "score"] | None, Query(description="Generations or scored responses only.")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=64, description="next_cursor of the previous page.")] = None,
 ) -> dict:
@@ -43,13 +44,18 @@ async def list_judgments(
                        code="invalid_value")
     for name, value in (("min_score", min_score), ("max_score", max_score), ("passed", passed)):
         if value is not None and constraint is None:
-            raise ApiError(422, f"{name}={value} applies to one constraint's verdict; add constraint=<name> "
+            shown = str(value).lower() if isinstance(value, bool) else value
+            raise ApiError(422, f"{name}={shown} applies to one constraint's verdict; add constraint=<name> "
                            f"(one of {', '.join(known)})", param=name, code="invalid_value")
     if min_score is not None and max_score is not None and min_score > max_score:
         raise ApiError(422, f"min_score {min_score} is greater than max_score {max_score}; swap them",
                        param="min_score", code="invalid_value")
-    query = JudgmentQuery(_aware("since", since), _aware("until", until), constraint, min_score, max_score,
-                          passed, flagged)
+    since, until = _aware("since", since), _aware("until", until)
+    if since is not None and until is not None and since >= until:
+        raise ApiError(422, f"since {since.isoformat()} is not before until {until.isoformat()}; swap them",
+                       param="since", code="invalid_value")
+    query = JudgmentQuery(since, until, constraint, min_score, max_score,
+                          passed, flagged, kind)
     page = await run_in_threadpool(runtime.store.list, query, limit, cursor)
     return {"object": "list", "data": [list_item_body(record, known) for record in page.items],
             "next_cursor": page.next_cursor}

@@ -66,6 +66,8 @@ class JudgmentRecord:
     verdicts: list[VerdictRecord]
     # None in list results, and for a judgment saved without a trace.
     trace: dict[str, Any] | None
+    # "generation", or "score" for a text that the caller supplied.
+    kind: str = "generation"
 
 
 @dataclass
@@ -85,6 +87,7 @@ class JudgmentQuery:
     max_score: float | None = None
     passed: bool | None = None
     flagged: bool | None = None
+    kind: str | None = None
 
     def __post_init__(self) -> None:
         _require_aware(self.since, "since")
@@ -250,6 +253,8 @@ def _conditions(query: JudgmentQuery) -> list[ColumnElement[bool]]:
         conditions.append(Judgment.created_at < query.until)
     if query.flagged is not None:
         conditions.append(Judgment.flagged == query.flagged)
+    if query.kind is not None:
+        conditions.append(Judgment.kind == query.kind)
     if query.min_score is not None:
         conditions.append(Verdict.score >= query.min_score)
     if query.max_score is not None:

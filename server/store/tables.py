@@ -69,6 +69,7 @@ class Judgment(Base):
     __table_args__ = (
         Index(None, "created_at"),
         Index(None, "flagged", "created_at"),
+        Index(None, "kind", "created_at"),
     )
 
     # UUIDv7 in canonical text form, so that ids sort by creation time.
@@ -92,6 +93,8 @@ class Judgment(Base):
     flagged: Mapped[bool] = mapped_column(Boolean)
     # The column is "metadata", but declarative classes reserve that attribute name.
     metadata_: Mapped[dict[str, str]] = mapped_column("metadata", JSON)
+    # "generation", or "score" for a text that the caller supplied.
+    kind: Mapped[str] = mapped_column(String(16), server_default="generation")
 
     verdicts: Mapped[list["Verdict"]] = relationship(
         back_populates="judgment",

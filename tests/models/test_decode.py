@@ -96,7 +96,7 @@ def test_step_scores_equal_full_sequence_pass(tiny_model):
     sequence = torch.tensor([session.prompt_ids + session.output_ids])
     with torch.inference_mode():
         hidden_states = tiny_model.base.model(input_ids=sequence, output_hidden_states=True).hidden_states
-        full = torch.sigmoid(tiny_model.heads(hidden_states[tiny_model.heads.config.tap_layer]).constraint_logits[0])
+        full = torch.sigmoid(tiny_model.heads(tiny_model.heads.select_hidden_states(hidden_states)).constraint_logits[0])
     traced = [list(t.scores.values()) for t in session.prompt_trace + session.output_trace]
     assert torch.allclose(torch.tensor(traced), full, atol=1e-5)
 
@@ -131,3 +131,30 @@ def test_detokenizer_pieces_join_to_text(tiny_base):
     assert "".join(pieces) == text
     assert "" in pieces  # multi-byte characters split across byte-level tokens wait for their last byte
     assert all("\ufffd" not in piece for piece in pieces)
+
+
+def test_score_reproduces_generation_trace(tiny_model):
+    session = run(tiny_model, SamplingParams(max_tokens=8, temperature=0))
+    prompt_trace, output_trace = tiny_model.score(session.prompt_ids, session.output_ids)
+    assert [t.token_id for t in output_trace] == session.output_ids
+    for scored, generated in zip(prompt_trace + output_trace, session.prompt_trace + session.output_trace):
+        assert scored.position == generated.position
+        assert scored.text == generated.text
+        for constraint in CONSTRAINTS:
+            assert abs(scored.scores[constraint] - generated.scores[constraint]) < 1e-5
+            assert [p for p, _ in scored.attention[constraint]] == [p for p, _ in generated.attention[constraint]]
+    for scored, generated in zip(output_trace, session.output_trace):
+        assert abs(scored.logprob - generated.logprob) < 1e-4
+
+
+def test_score_appends_end_of_turn(tiny_model):
+    prompt_ids, output_ids = tiny_model.encode_response(None, QUESTION, "Paris.", end_of_turn=True)
+    assert output_ids[-1] == tiny_model.base.tokenizer.eos_token_id
+    _, cut_ids = tiny_model.encode_response(None, QUESTION, "Paris.", end_of_turn=False)
+    assert cut_ids == output_ids[:-1]
+    assert prompt_ids == tiny_model.encode(messages=QUESTION)
+
+
+def test_score_rejects_overlong_text(tiny_model):
+    with pytest.raises(PromptTooLongError, match="the response"):
+        tiny_model.score([5] * 60, [6] * 60)

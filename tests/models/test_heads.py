@@ -6,7 +6,7 @@ from models.heads import ConstraintHeads, HeadsConfig, HeadsMismatchError, load_
 
 def make_heads(seed: int = 0) -> ConstraintHeads:
     torch.manual_seed(seed)
-    config = HeadsConfig(["a", "b", "c"], d_model=16, tap_layer=1, d_head=4, heads_per_constraint=2,
+    config = HeadsConfig(["a", "b", "c"], d_model=16, tap_layers=[1], d_head=4, heads_per_constraint=2,
                          base_model="base", base_fingerprint="sha256:base")
     return ConstraintHeads(config).eval().requires_grad_(False)
 

@@ -757,3 +757,26 @@ def test_oversized_request_id_header(shared_client):
 
     assert response.status_code == 200
     assert len(response.headers["X-Request-ID"]) == 32
+
+
+def test_list_rejects_reversed_time_range(listing):
+    client, _ = listing
+
+    response = client.get("/v1/judgments", params={"since": "2026-01-02T00:00:00Z", "until": "2026-01-01T00:00:00Z"})
+
+    assert_error(response, 422, param="since", code="invalid_value", fragments=("not before until",))
+
+
+def test_list_naive_until_with_since(listing):
+    client, _ = listing
+
+    response = client.get("/v1/judgments", params={"since": "2026-01-01T00:00:00Z", "until": "2026-01-02T00:00:00"})
+
+    assert_error(response, 422, param="until", code="invalid_value", fragments=("no timezone",))
+
+
+def test_validation_error_shows_received_value(client):
+    response = client.post("/v1/generate", json={"prompt": "hi", "temperature": -1})
+
+    assert_error(response, 422, param="temperature", code="invalid_value",
+                 fragments=("greater than or equal to 0", "(received -1)"))

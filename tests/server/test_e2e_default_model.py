@@ -79,6 +79,15 @@ def test_capital_question_round_trip(default_model_path, tmp_path):
         assert stored["trace"] == body["trace"]
         assert stored["judgment"] == body["judgment"]
         assert stored["metadata"] == {"case": "capital"}
+
+        # Re-judging the same text must reproduce the generation's trace: one pass instead of many steps.
+        scored = httpx.post(f"http://127.0.0.1:{port}/v1/score", timeout=60,
+                            json={"messages": QUESTION["messages"], "response": body["text"]}).json()
+        assert scored["kind"] == "score"
+        assert [t["token_id"] for t in scored["trace"]["output_tokens"]] == [t["token_id"] for t in output_tokens]
+        for constraint, verdict in scored["judgment"]["constraints"].items():
+            assert abs(verdict["score"] - body["judgment"]["constraints"][constraint]["score"]) < 1e-3
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/judgments/{scored['id']}", timeout=10).json()["kind"] == "score"
     finally:
         server.kill()
         server.wait()

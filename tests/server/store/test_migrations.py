@@ -18,15 +18,19 @@ def table_names(engine: Engine) -> set[str]:
     return set(inspect(engine).get_table_names())
 
 
-def downgrade_to_base(engine: Engine) -> None:
+def migrate(engine: Engine, direction, revision: str) -> None:
     config = _alembic_config()
     with engine.begin() as connection:
         config.attributes["connection"] = connection
-        command.downgrade(config, "base")
+        direction(config, revision)
 
 
-def test_head_revision_is_initial():
-    assert head_revision() == "0001"
+def downgrade_to_base(engine: Engine) -> None:
+    migrate(engine, command.downgrade, "base")
+
+
+def test_head_revision_is_latest():
+    assert head_revision() == "0002"
 
 
 def test_new_database_has_no_revision(tmp_path):
@@ -64,6 +68,7 @@ def test_upgrade_creates_named_indexes(tmp_path):
     assert judgment_indexes == {
         "ix_judgments_created_at": ["created_at"],
         "ix_judgments_flagged_created_at": ["flagged", "created_at"],
+        "ix_judgments_kind_created_at": ["kind", "created_at"],
     }
     assert verdict_indexes == {
         "ix_verdicts_constraint_score": ["constraint", "score"],
@@ -118,4 +123,25 @@ def test_env_connects_from_url(tmp_path):
 
     engine = create_engine_for(f"sqlite:///{database}")
     assert table_names(engine) == STORE_TABLES | {"alembic_version"}
-    assert database_revision(engine) == "0001"
+    assert database_revision(engine) == "0002"
+
+
+def test_kind_migration_keeps_old_rows(tmp_path):
+    engine = make_engine(tmp_path)
+    migrate(engine, command.upgrade, "0001")
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "INSERT INTO judgments (id, created_at, completed_at, request_id, model_name, model_fingerprint, "
+            "heads_name, heads_fingerprint, prompt, output, parameters, finish_reason, status, prompt_tokens, "
+            "completion_tokens, latency_ms, flagged, metadata) VALUES ('old', '2026-01-01 00:00:00', "
+            "'2026-01-01 00:00:01', 'r', 'm', 'f', 'h', 'g', '{}', 'text', '{}', 'stop', 'completed', 1, 1, 1.0, 0, '{}')")
+
+    upgrade_database(engine)
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("SELECT kind FROM judgments WHERE id = 'old'").scalar_one() == "generation"
+
+    migrate(engine, command.downgrade, "0001")
+    columns = {column["name"] for column in inspect(engine).get_columns("judgments")}
+    assert "kind" not in columns
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("SELECT output FROM judgments WHERE id = 'old'").scalar_one() == "text"
