@@ -13,7 +13,9 @@ KNOWN_WEAKNESSES = """\
   length rather than answerability. AmbiEnt adds few examples (its dev file has 100 rows).
 - **Training texts are short single statements** framed as one assistant turn. In serving, the
   heads also see the system prompt and the user's turn, and the output is often several
-  sentences: scores on long outputs are less reliable than the test numbers suggest.
+  sentences: scores on long outputs are less reliable than the test numbers suggest. In a
+  chat answer the closing tokens can blur a difference that the content token shows, so
+  read the per-token trace, not only the final score.
 - **Causality means sound cause and effect, as e-CARE defines it.** The causal-news-corpus
   labels say only whether a causal relation is stated, not whether it is sound, so they are
   not used for this head.
@@ -40,6 +42,11 @@ def _measured_weaknesses(metrics: dict) -> str:
             if auroc is not None and auroc < 0.6:
                 lines.append(f"- **{constraint} on {source} is near chance**: test AUROC {auroc:.3f} over "
                              f"{source_entry['examples']} examples.\n")
+    selfaware = evaluation["constraints"].get("decidability", {}).get("sources", {}).get("selfaware", {})
+    style = selfaware.get("methods", {}).get("length_style")
+    if style and style["auroc"] is not None:
+        lines.append(f"- **SelfAware separates by style:** length and style features alone reach test AUROC "
+                     f"{style['auroc']:.3f} there, against {selfaware['methods']['heads']['auroc']:.3f} for the heads.\n")
     return "".join(lines).replace("BELOW", "below")
 
 

@@ -134,7 +134,7 @@ class ConstraintModel:
         for offset, token_id in enumerate(token_ids):
             attention = {}
             for c, constraint in enumerate(self.constraints):
-                visible = min(k, start + offset + 1)  # a token sees only itself and earlier ones
+                visible = min(k, start + offset + 1)  # a token attends only to itself and earlier ones
                 attention[constraint] = list(zip(top_positions[c][offset][:visible], top_weights[c][offset][:visible]))
             traces.append(TokenTrace(start + offset, token_id, pieces[offset], logprobs[offset],
                                      dict(zip(self.constraints, scores[offset])), attention))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 import logging
 import sys
 from pathlib import Path
@@ -85,7 +85,7 @@ def cmd_heads_eval(args: argparse.Namespace, settings: Settings) -> int:
     from models.card import render_model_card
     from models.evaluate import evaluate
     from models.heads import CARD_FILE, METRICS_FILE, load_checkpoint
-    from models.report import baseline_gaps, format_table
+    from models.report import baseline_gaps, format_table, out_of_domain_table
     from models.train import TrainConfig, prepare_datasets
 
     heads_dir = Path(args.heads) if args.heads else settings.heads_path
@@ -95,10 +95,15 @@ def cmd_heads_eval(args: argparse.Namespace, settings: Settings) -> int:
     base = _load_base(settings, config.dtype)
     heads = load_checkpoint(heads_dir, base.fingerprint)
 
-    datasets = prepare_datasets(base, Path(args.data_dir), config, settings.cache_dir / "hidden")
+    # Only the tap layers are read, so the base model stops after the deepest one.
+    eval_config = replace(config, candidate_layers=list(heads.config.tap_layers))
+    datasets = prepare_datasets(base, Path(args.data_dir), eval_config, settings.cache_dir / "hidden")
     evaluation = evaluate(heads, datasets, base, config)
     print(format_table(evaluation))
     print("\n".join(baseline_gaps(evaluation)))
+    if stored and stored.get("out_of_domain"):
+        print("\nOut-of-domain checks, from the training run (heads train recomputes them):")
+        print(out_of_domain_table(stored["out_of_domain"]))
     if args.update_card:
         metrics = (stored or {"training": asdict(config)}) | {"evaluation": evaluation}
         stored_path.write_text(json.dumps(metrics, indent=2) + "\n")
@@ -117,7 +122,7 @@ def cmd_heads_eval(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_heads_experiment(args: argparse.Namespace, settings: Settings) -> int:
     from models.data import CONSTRAINTS
-    from models.experiments import run_variants, variants_markdown
+    from models.experiments import run_variants, variants_page
     from models.train import TrainConfig, prepare_datasets
 
     config = TrainConfig(max_epochs=args.max_epochs)
@@ -125,10 +130,11 @@ def cmd_heads_experiment(args: argparse.Namespace, settings: Settings) -> int:
     datasets = prepare_datasets(base, Path(args.data_dir), config, settings.cache_dir / "hidden")
     names = args.variants.split(",") if args.variants else None
     results = run_variants(datasets, base, config, [int(layer) for layer in args.layers.split(",")], names)
-    output = Path(args.output)
+    output = Path(args.output).with_suffix(".md")
     output.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    print(variants_markdown(results, list(CONSTRAINTS)))
-    print(f"Wrote {output.with_suffix('.json')}")
+    output.write_text(variants_page(results, list(CONSTRAINTS), "tracehead heads experiment " + " ".join(sys.argv[3:])))
+    print(output.read_text())
+    print(f"Wrote {output} and {output.with_suffix('.json')}")
     return 0
 
 
@@ -227,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     experiment = heads.add_parser("experiment", help="train and score every head recipe variant on the same data")
     experiment.add_argument("--data-dir", required=True, help="directory holding the labelled data sets")
-    experiment.add_argument("--output", required=True, help="results file; JSON is written beside it as NAME.json")
+    experiment.add_argument("--output", required=True, help="results page NAME.md; the JSON goes beside it as NAME.json")
     experiment.add_argument("--layers", default="14", help="tap layers of every variant that does not set its own")
     experiment.add_argument("--variants", help="comma-separated variant names (default: all)")
     experiment.add_argument("--max-epochs", type=int, default=6, help="epochs per variant; the best dev epoch is kept")

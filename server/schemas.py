@@ -40,7 +40,7 @@ class ChatMessage(BaseModel):
 
 
 class PromptInput(BaseModel):
-    """What the model reads: exactly one of ``prompt`` (raw text) or ``messages`` (chat template applied)."""
+    """Model input: exactly one of ``prompt`` (raw text) or ``messages`` (chat template applied)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -84,7 +84,7 @@ class PromptInput(BaseModel):
 class GenerateRequest(PromptInput):
     """A generation request."""
 
-    max_tokens: int | None = Field(None, ge=1, strict=True, description="Most tokens to generate; the default fills the context up to the server's default_max_tokens.")
+    max_tokens: int | None = Field(None, ge=1, strict=True, description="Maximum number of tokens to generate; by default the rest of the context, capped at the server's default_max_tokens.")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass in (0, 1].")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, strict=True, description="Seed for reproducible sampling; the used seed is stored either way.")
