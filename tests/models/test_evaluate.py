@@ -69,7 +69,8 @@ def test_report_has_every_method_and_source(suite):
     assert report["constraints"]["testifiability"]["methods"]["zero_shot"]["threshold"] == 0.5
 
     table = format_table(report)
-    assert "MiniLM + LR" in table and "length/style" in table
+    assert "MiniLM + LR" in table
+    assert "length/style" in table
     assert markdown_table(report).count("\n") == table.count("\n")
     assert len(baseline_gaps(report)) == 4
 
