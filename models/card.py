@@ -5,7 +5,7 @@ from __future__ import annotations
 from models.data import SOURCES
 from models.evaluate import CALIBRATION_BINS
 from models.heads import HeadsConfig
-from models.report import baseline_gaps, markdown_table, out_of_domain_table
+from models.report import METHOD_NAMES, baseline_gaps, markdown_table, out_of_domain_table
 
 KNOWN_WEAKNESSES = """\
 - **Style shortcut on decidability.** SelfAware's unanswerable questions all come from other
@@ -42,6 +42,14 @@ def _measured_weaknesses(metrics: dict) -> str:
             if auroc is not None and auroc < 0.6:
                 lines.append(f"- **{constraint} on {source} is near chance**: test AUROC {auroc:.3f} over "
                              f"{source_entry['examples']} examples.\n")
+    ecare = evaluation["constraints"].get("causality", {}).get("sources", {}).get("e-care", {}).get("methods", {})
+    if "heads" in ecare:
+        heads_pairwise = ecare["heads"]["pairwise_accuracy"]
+        better = [f"{METHOD_NAMES[m]} {v['pairwise_accuracy']:.3f}" for m, v in ecare.items()
+                  if m != "heads" and v.get("pairwise_accuracy", 0) > heads_pairwise]
+        if better:
+            lines.append(f"- **e-CARE pairwise accuracy: the heads ({heads_pairwise:.3f}) are below** "
+                         f"{', '.join(better)}.\n")
     selfaware = evaluation["constraints"].get("decidability", {}).get("sources", {}).get("selfaware", {})
     style = selfaware.get("methods", {}).get("length_style")
     if style and style["auroc"] is not None:
@@ -74,8 +82,8 @@ Constraint heads for `{config.base_model}` (base-model fingerprint `{config.base
 {len(config.constraints)} constraints ({", ".join(config.constraints)}), {config.heads_per_constraint} attention heads each,
 d_head {config.d_head}, reading the residual stream at hidden_states{config.tap_layers}
 {"with a direct readout of each token's own state beside the attention" if config.token_readout else "through attention only"}.
-A score near 1 means the constraint holds. Scores are Platt-calibrated on dev when
-`calibrate` is on (it is: {training["calibrate"]}); thresholds maximise {config.threshold_target} on dev.
+A score near 1 means the constraint holds. {"Scores are Platt-calibrated on dev" if training["calibrate"]
+else "Scores are uncalibrated sigmoid outputs"}, and thresholds maximise {config.threshold_target} on dev.
 
 ## Data
 | source | constraint | licence | repository@commit |
@@ -93,10 +101,10 @@ test files are split into dev and test. Groups kept per source and split: {caps}
 ## Training
 The base model stays frozen and computes hidden states once, in {training["dtype"]}. Each text
 is framed as one assistant turn of the chat template. The heads train with a logistic loss at
-the text's last token and at the token closing the turn. Class balancing is
-{"on" if training["class_balance"] else "off"}: every (constraint, label) cell counts equally when on.
-Paired data (an AmbiEnt sentence with its rewrites, an e-CARE premise with both hypotheses)
-adds a margin loss with weight {training["pairwise_weight"]}. Negated truth statements are
+the text's last token and at the token closing the turn. {"Every (constraint, label) cell counts equally"
+if training["class_balance"] else "Every example weighs the same"}.
+{f"Paired data (an AmbiEnt sentence with its rewrites, an e-CARE premise with both hypotheses) adds a margin loss with weight {training['pairwise_weight']}."
+if training["pairwise_weight"] else "There is no margin loss on paired data."} Negated truth statements are
 {"kept" if training["negations"] else "left out"}. AdamW, learning rate {training["learning_rate"]},
 weight decay {training["weight_decay"]}, batch {training["batch_size"]}, seed {training["seed"]},
 up to {training["max_epochs"]} epochs, keeping the best dev epoch. {layer_line}

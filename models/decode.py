@@ -22,12 +22,15 @@ logger = logging.getLogger(__name__)
 class PromptTooLongError(ValueError):
     """The prompt plus the requested tokens do not fit in the model's context."""
 
-    def __init__(self, prompt_tokens: int, max_tokens: int, context_length: int, output_name: str = "max_tokens"):
+    def __init__(self, prompt_tokens: int, max_tokens: int, context_length: int, supplied_response: bool = False):
         self.prompt_tokens, self.max_tokens, self.context_length = prompt_tokens, max_tokens, context_length
-        super().__init__(
-            f"the prompt is {prompt_tokens} tokens and {output_name} is {max_tokens}, together "
-            f"{prompt_tokens + max_tokens}, but the model's context holds {context_length} tokens. "
-            f"Shorten the prompt or lower {output_name}.")
+        # A supplied response is the longer part far more often than the prompt, so it names the field.
+        self.param = "response" if supplied_response else "prompt"
+        second = (f"the response is {max_tokens} tokens (with the end-of-turn token, if added)" if supplied_response
+                  else f"max_tokens is {max_tokens}")
+        fix = "Shorten the prompt or the response." if supplied_response else "Shorten the prompt or lower max_tokens."
+        super().__init__(f"the prompt is {prompt_tokens} tokens and {second}, together {prompt_tokens + max_tokens}, "
+                         f"but the model's context holds {context_length} tokens. {fix}")
 
 
 @dataclass
@@ -95,7 +98,7 @@ class ConstraintModel:
         if not output_ids:
             raise ValueError("nothing to score: the response has no tokens")
         if len(prompt_ids) + len(output_ids) > self.base.context_length:
-            raise PromptTooLongError(len(prompt_ids), len(output_ids), self.base.context_length, "the response (in tokens)")
+            raise PromptTooLongError(len(prompt_ids), len(output_ids), self.base.context_length, supplied_response=True)
         sequence = torch.tensor([prompt_ids + output_ids], device=self.base.device)
         # Logits at position i predict token i + 1, so one more than the output is kept.
         outputs = self.base.model(input_ids=sequence, output_hidden_states=True, logits_to_keep=len(output_ids) + 1)

@@ -167,9 +167,16 @@ def cmd_score(args: argparse.Namespace, settings: Settings) -> int:
     from server.store import AuditStore, create_engine_for, new_judgment_id, upgrade_database
     from server.worker import GenerationResult
 
+    from pydantic import ValidationError
+
     messages = json.loads(Path(args.messages).read_text()) if args.messages else None
-    body = ScoreRequest(prompt=args.prompt, messages=messages, response=args.response,
-                        end_of_turn=not args.no_end_of_turn, metadata=dict(args.metadata or []))
+    try:
+        body = ScoreRequest(prompt=args.prompt, messages=messages, response=args.response,
+                            end_of_turn=not args.no_end_of_turn, metadata=dict(args.metadata or []))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'input'}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in exc.errors())
+        raise ValueError(f"invalid input: {problems}") from None
     engine = create_engine_for(settings.resolved_database_url)
     upgrade_database(engine)
     model = load_model(settings)

@@ -71,7 +71,7 @@ def _map_exception(request: Request, exc: Exception) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, PromptTooLongError):
-        return ApiError(400, str(exc), param="prompt", code="context_length_exceeded")
+        return ApiError(400, str(exc), param=exc.param, code="context_length_exceeded")
     if isinstance(exc, InvalidCursorError):
         return ApiError(422, str(exc), param="cursor", code="invalid_value")
     if isinstance(exc, StoreUnavailableError):

@@ -115,7 +115,7 @@ class ScoreRequest(PromptInput):
     """A text to judge without generating: the prompt it answered and the response itself."""
 
     response: str = Field(min_length=1, max_length=1_000_000, description="The output to judge, as the model's turn.")
-    end_of_turn: bool = Field(True, description=(
+    end_of_turn: bool = Field(True, strict=True, description=(
         "Append the end-of-turn token after the response, as a generation that stopped on its own ends; "
         "false for a response that was cut off."))
 

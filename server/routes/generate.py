@@ -73,7 +73,7 @@ async def score(body: ScoreRequest, runtime: RuntimeDep, request: Request) -> di
                                                      body.response, body.end_of_turn)
     context_length = runtime.model.base.context_length
     if len(prompt_ids) + len(output_ids) > context_length:
-        raise PromptTooLongError(len(prompt_ids), len(output_ids), context_length, "the response (in tokens)")
+        raise PromptTooLongError(len(prompt_ids), len(output_ids), context_length, supplied_response=True)
 
     result = await runtime.worker.score(request.state.request_id, prompt_ids, output_ids)
     judgment = assemble_judgment(result.output_trace, result.prompt_trace, runtime.model.heads.config)

@@ -63,8 +63,12 @@ def _alembic_config() -> Config:
 
 def upgrade_database(engine: Engine) -> None:
     """Apply all pending Alembic revisions to the database of ``engine``."""
+    current, head = database_revision(engine), head_revision()
+    if current == head:
+        logger.info("database schema is at revision %s", head)
+        return
     config = _alembic_config()
-    logger.info("upgrading database schema to revision %s", head_revision())
+    logger.info("upgrading database schema from revision %s to %s", current, head)
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")

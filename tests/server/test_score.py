@@ -62,6 +62,7 @@ def test_scored_judgment_is_stored(client):
     ({"prompt": "hi", "messages": QUESTION, "response": "Paris."}, "body"),
     ({"prompt": "hi", "response": "Paris.", "temperature": 0}, "temperature"),
     ({"prompt": "hi", "response": "Paris.", "end_of_turn": "maybe"}, "end_of_turn"),
+    ({"prompt": "hi", "response": "Paris.", "end_of_turn": 0}, "end_of_turn"),
 ])
 def test_score_rejects_invalid_body(client, payload, param):
     response = client.post("/v1/score", json=payload)
@@ -74,8 +75,9 @@ def test_score_rejects_overlong_response(client):
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["code"] == "context_length_exceeded"
+    assert error["param"] == "response"
     assert str(TINY_CONTEXT) in error["message"]
-    assert "the response" in error["message"]
+    assert "Shorten the prompt or the response." in error["message"]
 
 
 def test_cli_score_commits_judgment(tmp_path, monkeypatch, capsys):
@@ -98,3 +100,11 @@ def test_cli_score_commits_judgment(tmp_path, monkeypatch, capsys):
     assert record.metadata == {"case": "cli"}
     assert record.output == " one hundred degrees."
     assert [item.id for item in store.list(JudgmentQuery(kind="score"), 10, None).items] == [printed["id"]]
+
+
+def test_cli_score_reports_invalid_input(capsys):
+    assert main(["score", "--prompt", "Water boils at", "--response", ""]) == 2
+
+    error = capsys.readouterr().err
+    assert error.startswith("error: invalid input: response:")
+    assert "pydantic" not in error
