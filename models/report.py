@@ -22,26 +22,35 @@ def report_rows(evaluation: dict) -> list[tuple[str, str, int, str, dict]]:
     return rows
 
 
-def format_table(evaluation: dict) -> str:
-    """Render the report as a fixed-width table for a terminal."""
-    lines = [f"Test split; tap layers {evaluation['tap_layers']}; thresholds for {evaluation['threshold_target']}",
-             f"{'constraint':<15}{'data set':<20}{'n':>6}  {'method':<14}{'AUROC':>7}{'acc':>7}{'ECE':>7}{'pairwise':>10}"]
+def _cells(evaluation: dict) -> list[list[str]]:
+    """Return one row of text cells per (constraint, data set, method)."""
+    rows = []
     for constraint, source, examples, method, metrics in report_rows(evaluation):
         pairwise = metrics.get("pairwise_accuracy")
-        lines.append(f"{constraint:<15}{source:<20}{examples:>6}  {METHOD_NAMES[method]:<14}"
-                     f"{_number(metrics['auroc']):>7}{_number(metrics['accuracy']):>7}{_number(metrics['ece']):>7}"
-                     f"{'' if pairwise is None else _number(pairwise):>10}")
+        rows.append([constraint, source, str(examples), METHOD_NAMES[method], _number(metrics["auroc"]),
+                     _number(metrics["accuracy"]), _number(metrics["ece"]), "" if pairwise is None else _number(pairwise)])
+    return rows
+
+
+# Column widths of the terminal table; a negative width aligns left.
+TERMINAL_WIDTHS = (-15, -20, 6, -16, 7, 7, 7, 10)
+TERMINAL_HEADER = ["constraint", "data set", "n", "method", "AUROC", "acc", "ECE", "pairwise"]
+
+
+def format_table(evaluation: dict) -> str:
+    """Render the report as a fixed-width table for a terminal."""
+    lines = [f"Test split; tap layers {evaluation['tap_layers']}; thresholds for {evaluation['threshold_target']}"]
+    for cells in [TERMINAL_HEADER] + _cells(evaluation):
+        cells = cells[:3] + ["  " + cells[3]] + cells[4:]  # two spaces between the count and the method
+        lines.append("".join(cell.ljust(-width) if width < 0 else cell.rjust(width)
+                             for cell, width in zip(cells, TERMINAL_WIDTHS)))
     return "\n".join(lines)
 
 
 def markdown_table(evaluation: dict) -> str:
     lines = ["| constraint | data set | examples | method | AUROC | accuracy | ECE | pairwise accuracy |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for constraint, source, examples, method, metrics in report_rows(evaluation):
-        pairwise = metrics.get("pairwise_accuracy")
-        lines.append(f"| {constraint} | {source} | {examples} | {METHOD_NAMES[method]} | {_number(metrics['auroc'])} | "
-                     f"{_number(metrics['accuracy'])} | {_number(metrics['ece'])} | "
-                     f"{'' if pairwise is None else _number(pairwise)} |")
+    lines += ["| " + " | ".join(cells) + " |" for cells in _cells(evaluation)]
     return "\n".join(lines)
 
 
