@@ -1,6 +1,6 @@
 """The decode loop: base model with its KV cache, heads with theirs, one token a step.
 
-Every step runs the base model once with ``output_hidden_states=True``; the
+Every step runs the base model once with ``output_hidden_states=True``. The
 tap layer's hidden state of the new token feeds the heads' incremental step,
 so the trace costs no second pass over the text.
 """

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 64
@@ -26,17 +26,20 @@ def _check_unicode(name: str, value: str) -> None:
         raise ValueError(f"{name} has a lone surrogate at character {exc.start}. Send valid Unicode text.") from None
 
 
+def _unicode_text(value: str) -> str:
+    _check_unicode("the text", value)
+    return value
+
+
+# A string field that rejects lone surrogates; the error location names the field.
+UnicodeText = Annotated[str, AfterValidator(_unicode_text)]
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=1_000_000)
-
-    @field_validator("content")
-    @classmethod
-    def _check_content(cls, value: str) -> str:
-        _check_unicode("content", value)
-        return value
+    content: UnicodeText = Field(max_length=1_000_000)
 
 
 class PromptInput(BaseModel):
@@ -114,16 +117,10 @@ class GenerateRequest(PromptInput):
 class ScoreRequest(PromptInput):
     """A text to judge without generating: the prompt it answered and the response itself."""
 
-    response: str = Field(min_length=1, max_length=1_000_000, description="The output to judge, as the model's turn.")
+    response: UnicodeText = Field(min_length=1, max_length=1_000_000, description="The output to judge, as the model's turn.")
     end_of_turn: bool = Field(True, strict=True, description=(
         "Append the end-of-turn token after the response, as a generation that stopped on its own ends; "
         "false for a response that was cut off."))
-
-    @field_validator("response")
-    @classmethod
-    def _check_response(cls, value: str) -> str:
-        _check_unicode("response", value)
-        return value
 
 
 class Usage(BaseModel):

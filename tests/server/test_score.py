@@ -108,3 +108,11 @@ def test_cli_score_reports_invalid_input(capsys):
     error = capsys.readouterr().err
     assert error.startswith("error: invalid input: response:")
     assert "pydantic" not in error
+
+
+def test_score_rejects_lone_surrogate(client):
+    response = client.post("/v1/score", content=b'{"prompt": "hi", "response": "caf\\ud800"}',
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["error"]["param"] == "response"
+    assert "unicode" in response.json()["error"]["message"]
