@@ -8,7 +8,7 @@ either passes an open connection in ``config.attributes["connection"]`` or sets
 from alembic import context
 from sqlalchemy import Connection
 
-from server.store.db import create_engine_for
+from server.store.db import create_engine_for, sqlite_foreign_keys_off
 from server.store.tables import Base
 
 config = context.config
@@ -56,7 +56,7 @@ def run_migrations_online() -> None:
         )
     engine = create_engine_for(url)
     try:
-        with engine.connect() as connection:
+        with engine.connect() as connection, sqlite_foreign_keys_off(connection):
             run_migrations_on(connection)
             connection.commit()
     finally:

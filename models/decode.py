@@ -42,6 +42,19 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None  # None draws a fresh seed, recorded on the session
     stop: list[str] = field(default_factory=list)
+    # constraint → minimum score: generation ends at the first token scoring below it
+    min_scores: dict[str, float] = field(default_factory=dict)
+    top_logprobs: int = 0  # alternatives recorded per generated token, most likely first
+
+
+@dataclass
+class ConstraintStop:
+    """Where a constraint's score first fell below its minimum and ended the generation."""
+
+    constraint: str
+    position: int  # sequence position of the token that fell below
+    score: float
+    min_score: float
 
 
 @dataclass
@@ -54,6 +67,8 @@ class TokenTrace:
     logprob: float | None  # None for prompt tokens
     scores: dict[str, float]
     attention: dict[str, list[tuple[int, float]]]  # constraint → top-k (position, weight), heaviest first
+    # The most likely tokens at this position as (token id, text, logprob); None unless requested
+    top_logprobs: list[tuple[int, str, float]] | None = None
 
 
 class ConstraintModel:
@@ -119,6 +134,10 @@ class ConstraintModel:
     def start(self, input_ids: list[int], params: SamplingParams) -> "DecodeSession":
         if len(input_ids) + params.max_tokens > self.base.context_length:
             raise PromptTooLongError(len(input_ids), params.max_tokens, self.base.context_length)
+        unknown = sorted(set(params.min_scores) - set(self.constraints))
+        if unknown:
+            raise ValueError(f"min_scores names {', '.join(unknown)}, which the heads do not score; "
+                             f"known: {', '.join(self.constraints)}")
         return DecodeSession(self, input_ids, params)
 
     def trace_tokens(self, start: int, token_ids: list[int], pieces: list[str], logprobs: list[float | None],
@@ -157,10 +176,12 @@ class DecodeSession:
         self.prompt_trace: list[TokenTrace] = []
         self.output_trace: list[TokenTrace] = []
         self.text = ""
-        self.finish_reason: str | None = None
+        self.finish_reason: str | None = None  # stop, length, constraint or cancelled once finished
+        self.stopped_by: ConstraintStop | None = None
         self._detokenizer = IncrementalDetokenizer(model.base.tokenizer)
         self._special_ids = set(model.base.tokenizer.all_special_ids)
         self._visible = ""  # output text without special tokens, before stop truncation
+        self._taken = 0  # characters of text already handed out by take_text()
         self._past_key_values = None
         self._heads_cache: HeadsCache | None = None
         self._next_logits: torch.Tensor | None = None
@@ -196,7 +217,7 @@ class DecodeSession:
         """Sample the next token, run it through both models, and return its trace."""
         if self._next_logits is None:
             self.prefill()
-        token_id, logprob = self._sample(self._next_logits)
+        token_id, logprob, alternatives = self._sample(self._next_logits)
         position = len(self.prompt_ids) + len(self.output_ids)
         self.output_ids.append(token_id)
         piece = self._append_text(token_id)
@@ -209,11 +230,13 @@ class DecodeSession:
         heads_out = self._run_heads(outputs.hidden_states)
         trace = self.model.trace_tokens(position, [token_id], [piece], [logprob],
                                         heads_out.constraint_logits[0], heads_out.attention_weights[0])[0]
+        trace.top_logprobs = alternatives
         self.output_trace.append(trace)
-        self._update_finish_reason(token_id)
+        self._update_finish_reason(token_id, trace)
         return trace
 
-    def _sample(self, logits: torch.Tensor) -> tuple[int, float]:
+    def _sample(self, logits: torch.Tensor) -> tuple[int, float, list[tuple[int, str, float]] | None]:
+        """Return the sampled token id, its logprob and, if requested, the most likely alternatives."""
         logprobs = torch.log_softmax(logits, dim=-1)
         if self.params.temperature == 0:
             token_id = int(torch.argmax(logits))
@@ -222,7 +245,13 @@ class DecodeSession:
             if self.params.top_p < 1.0:
                 probs = _top_p_filter(probs, self.params.top_p)
             token_id = int(torch.multinomial(probs, 1, generator=self.generator))
-        return token_id, float(logprobs[token_id])
+        alternatives = None
+        if self.params.top_logprobs:
+            top_values, top_ids = logprobs.topk(self.params.top_logprobs)
+            decode = self.model.base.tokenizer.decode
+            alternatives = [(token, decode([token]), value) for token, value in zip(top_ids.tolist(),
+                                                                                    top_values.tolist())]
+        return token_id, float(logprobs[token_id]), alternatives
 
     def _append_text(self, token_id: int) -> str:
         piece = self._detokenizer.push(token_id)
@@ -230,16 +259,37 @@ class DecodeSession:
             self._visible += piece
         return piece
 
-    def _update_finish_reason(self, token_id: int) -> None:
+    def _update_finish_reason(self, token_id: int, trace: TokenTrace) -> None:
         stop_at = _find_stop(self._visible, self.params.stop)
-        if stop_at is not None:
-            self.text, self.finish_reason = self._visible[:stop_at], "stop"
-            return
-        self.text = self._visible
-        if token_id in self.model.eos_token_ids:
+        self.text = self._visible if stop_at is None else self._visible[:stop_at]
+        # A constraint stop wins over the others: it is what the judgment must report.
+        self.stopped_by = next((ConstraintStop(name, trace.position, trace.scores[name], minimum)
+                                for name, minimum in self.params.min_scores.items()
+                                if trace.scores[name] < minimum), None)
+        if self.stopped_by is not None:
+            self.finish_reason = "constraint"
+        elif stop_at is not None or token_id in self.model.eos_token_ids:
             self.finish_reason = "stop"
         elif len(self.output_ids) >= self.params.max_tokens:
             self.finish_reason = "length"
+
+    def cancel(self) -> None:
+        """End the session where it is, keeping the tokens generated so far."""
+        if not self.finished:
+            self.finish_reason = "cancelled"
+
+    def take_text(self) -> str:
+        """Return the text that is final now and was not returned before.
+
+        While decoding, a tail that could still grow into a stop sequence is
+        held back, because a completed stop sequence is cut from the text.
+        """
+        if self.finished:
+            final = self.text
+        else:
+            final = self._visible[:len(self._visible) - _stop_prefix_length(self._visible, self.params.stop)]
+        new, self._taken = final[self._taken:], max(self._taken, len(final))
+        return new
 
     def run(self) -> list[TokenTrace]:
         """Decode until a finish condition; return the output trace."""
@@ -286,6 +336,17 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     outside = cumulative - sorted_probs >= top_p  # mass before this token already reaches top_p
     sorted_probs = sorted_probs.masked_fill(outside, 0.0)
     return torch.zeros_like(probs).scatter(-1, sorted_ids, sorted_probs)
+
+
+def _stop_prefix_length(text: str, stop: list[str]) -> int:
+    """Length of the longest end of ``text`` that begins some stop sequence."""
+    longest = 0
+    for sequence in stop:
+        for length in range(min(len(sequence) - 1, len(text)), longest, -1):
+            if text.endswith(sequence[:length]):
+                longest = length
+                break
+    return longest
 
 
 def _find_stop(text: str, stop: list[str]) -> int | None:

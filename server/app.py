@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 
 from models.decode import ConstraintModel
 from server.errors import install_error_handlers
-from server.routes import generate, judgments
+from server.routes import generate, judgments, openai
 from server.runtime import build_runtime
 from server.settings import Settings
 
@@ -42,6 +42,7 @@ def create_app(settings: Settings | None = None, model: ConstraintModel | None =
     install_error_handlers(app)
     app.include_router(generate.router)
     app.include_router(judgments.router)
+    app.include_router(openai.router)
 
     @app.middleware("http")
     async def request_id(request: Request, call_next):

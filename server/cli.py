@@ -159,12 +159,13 @@ def cmd_score(args: argparse.Namespace, settings: Settings) -> int:
     import time
     import uuid
     from datetime import datetime, timezone
+    from types import SimpleNamespace
 
-    from models.judgment import assemble_judgment
-    from server.records import build_record, generation_body
+    from server.generation import finished_record, prepare_score
+    from server.records import generation_body
     from server.runtime import load_model
     from server.schemas import ScoreRequest
-    from server.store import AuditStore, create_engine_for, new_judgment_id, upgrade_database
+    from server.store import AuditStore, create_engine_for, upgrade_database
     from server.worker import GenerationResult
 
     from pydantic import ValidationError
@@ -186,14 +187,11 @@ def cmd_score(args: argparse.Namespace, settings: Settings) -> int:
     prompt_trace, output_trace = model.score(prompt_ids, output_ids)
     result = GenerationResult(prompt_trace, output_trace, "", "supplied", None, 0.0,
                               (time.perf_counter() - started) * 1000)
-    judgment = assemble_judgment(output_trace, prompt_trace, model.heads.config)
-    record = build_record(new_judgment_id(), f"cli-{uuid.uuid4().hex}", created_at, body,
-                          {"end_of_turn": body.end_of_turn}, result, judgment, model, model.heads.fingerprint(),
-                          kind="score", output=body.response)
+    prepared = prepare_score(f"cli-{uuid.uuid4().hex}", created_at, body, messages, prompt_ids)
+    scorer = SimpleNamespace(model=model, heads_fingerprint=model.heads.fingerprint())
+    record = finished_record(scorer, prepared, result, output=body.response)
     AuditStore(engine).save(record)
-    rendered = generation_body(record)
-    if not args.trace:
-        rendered.pop("trace")
+    rendered = generation_body(record, include_trace=args.trace)
     print(json.dumps(rendered, indent=2))
     return 0
 

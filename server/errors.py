@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.decode import PromptTooLongError
+from server.policy import UnknownConstraintError
 from server.store import InvalidCursorError, StoreUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -36,9 +37,20 @@ class QueueFullError(ApiError):
                          headers={"Retry-After": str(retry_after_s)})
 
 
-def error_response(error: ApiError) -> JSONResponse:
-    body = {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
-    return JSONResponse(body, status_code=error.status_code, headers=error.headers)
+# OpenAI's API answers an invalid request with 400 where this project's own routes use 422;
+# OpenAI clients map the status to their exception classes, so these routes follow OpenAI.
+OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+def error_body(error: ApiError) -> dict:
+    return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
+
+
+def error_response(error: ApiError, request: Request | None = None) -> JSONResponse:
+    status_code = error.status_code
+    if status_code == 422 and request is not None and request.url.path in OPENAI_PATHS:
+        status_code = 400
+    return JSONResponse(error_body(error), status_code=status_code, headers=error.headers)
 
 
 def _location(loc: tuple) -> str:
@@ -63,15 +75,17 @@ def _validation_error(request: Request, exc: RequestValidationError) -> JSONResp
     first = errors[0] if errors else {"loc": ()}
     param = "body" if first.get("type") == "json_invalid" else _location(first["loc"])
     message = "invalid request: " + "; ".join(_describe(error) for error in errors)
-    return error_response(ApiError(422, message, param=param, code="invalid_value"))
+    return error_response(ApiError(422, message, param=param, code="invalid_value"), request)
 
 
-def _map_exception(request: Request, exc: Exception) -> ApiError:
-    request_id = getattr(request.state, "request_id", None)
+def map_exception(exc: Exception, request_id: str | None) -> ApiError:
+    """Turn any exception into the ApiError to send; unexpected ones are logged with the request id."""
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, PromptTooLongError):
         return ApiError(400, str(exc), param=exc.param, code="context_length_exceeded")
+    if isinstance(exc, UnknownConstraintError):
+        return ApiError(422, str(exc), param="policy", code="invalid_value")
     if isinstance(exc, InvalidCursorError):
         return ApiError(422, str(exc), param="cursor", code="invalid_value")
     if isinstance(exc, StoreUnavailableError):
@@ -87,11 +101,11 @@ def _map_exception(request: Request, exc: Exception) -> ApiError:
 
 
 async def _handle(request: Request, exc: Exception) -> JSONResponse:
-    return error_response(_map_exception(request, exc))
+    return error_response(map_exception(exc, getattr(request.state, "request_id", None)), request)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
-    for exc_type in (ApiError, PromptTooLongError, InvalidCursorError, StoreUnavailableError,
+    for exc_type in (ApiError, PromptTooLongError, UnknownConstraintError, InvalidCursorError, StoreUnavailableError,
                      StarletteHTTPException, Exception):
         app.add_exception_handler(exc_type, _handle)

@@ -1,89 +1,88 @@
-"""Conversions between generation results, stored records and response bodies.
+"""Response bodies rendered from stored records.
 
 The response to a generation and a later read of the same judgment are both
-rendered from the stored record, so the two carry the identical trace.
+rendered from the record that was committed, so the two carry the identical
+trace. Responses hide a withheld text (and its tokens); reads of the record,
+which are for auditors, show it.
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+import json
 
-from models.decode import ConstraintModel, TokenTrace
-from models.judgment import Judgment
-from server.schemas import PromptInput
-from server.store import JudgmentRecord, VerdictRecord
-from server.worker import GenerationResult
+from server.store import JudgmentRecord
 
 
-def trace_token_dict(trace: TokenTrace) -> dict:
-    return {"position": trace.position, "token_id": trace.token_id, "text": trace.text, "logprob": trace.logprob,
-            "scores": trace.scores,
-            "attention": {c: [[position, weight] for position, weight in pairs] for c, pairs in trace.attention.items()}}
+def is_withheld(record: JudgmentRecord) -> bool:
+    return bool(record.policy and record.policy.get("withheld"))
 
 
-def request_input(body: PromptInput) -> dict:
-    """Return the model input as sent: {"prompt": ...} or {"messages": [...]}."""
-    if body.prompt is not None:
-        return {"prompt": body.prompt}
-    return {"messages": [message.model_dump() for message in body.messages]}
+def redact_token(token: dict) -> dict:
+    """Return a trace token without what would reveal the withheld text: its id, text and logprobs."""
+    return {key: value for key, value in token.items() if key != "top_logprobs"} | {
+        "token_id": None, "text": None, "logprob": None}
 
 
-def build_record(judgment_id: str, request_id: str, created_at: datetime, body: PromptInput, parameters: dict,
-                 result: GenerationResult, judgment: Judgment, model: ConstraintModel, heads_fingerprint: str,
-                 kind: str, output: str) -> JudgmentRecord:
-    """Assemble everything about one finished generation or scoring into the record to commit."""
-    completed_at = datetime.now(timezone.utc)
-    heads_config = model.heads.config
-    trace = {"constraints": list(heads_config.constraints),
-             "prompt_tokens": [trace_token_dict(t) for t in result.prompt_trace],
-             "output_tokens": [trace_token_dict(t) for t in result.output_trace]}
-    verdicts = [VerdictRecord(v.constraint, v.score, v.min_score, v.min_position, v.threshold, v.passed)
-                for v in judgment.verdicts]
-    return JudgmentRecord(
-        id=judgment_id, created_at=created_at, completed_at=completed_at, request_id=request_id,
-        model_name=model.base.name, model_fingerprint=model.base.fingerprint,
-        heads_name=heads_config.name, heads_fingerprint=heads_fingerprint,
-        prompt=request_input(body), output=output,
-        parameters=parameters | {"top_k_attention": model.top_k_attention}, finish_reason=result.finish_reason,
-        status="completed", prompt_tokens=len(result.prompt_trace), completion_tokens=len(result.output_trace),
-        latency_ms=round((completed_at - created_at).total_seconds() * 1000, 3), flagged=judgment.flagged,
-        metadata=body.metadata or {}, verdicts=verdicts, trace=trace, kind=kind)
+def response_trace(record: JudgmentRecord) -> dict:
+    """Return the record's trace as a response shows it, with output tokens redacted when the text was withheld."""
+    if not is_withheld(record):
+        return record.trace
+    return record.trace | {"output_tokens": [redact_token(token) for token in record.trace["output_tokens"]]}
 
 
-def _judgment_summary(record: JudgmentRecord, order: list[str] | None) -> dict:
+def judgment_summary(record: JudgmentRecord, order: list[str] | None) -> dict:
     verdicts = {v.constraint: v for v in record.verdicts}
     names = [name for name in (order or []) if name in verdicts] + sorted(set(verdicts) - set(order or []))
     return {"flagged": record.flagged,
             "constraints": {name: {"score": verdicts[name].score, "min_score": verdicts[name].min_score,
                                    "min_position": verdicts[name].min_position,
                                    "threshold": verdicts[name].threshold, "passed": verdicts[name].passed}
-                            for name in names}}
+                            for name in names},
+            "policy": record.policy}
 
 
-def _usage(record: JudgmentRecord) -> dict:
+def usage(record: JudgmentRecord) -> dict:
     return {"prompt_tokens": record.prompt_tokens, "completion_tokens": record.completion_tokens,
             "total_tokens": record.prompt_tokens + record.completion_tokens}
 
 
-def generation_body(record: JudgmentRecord) -> dict:
-    """Render the response to a generation request."""
-    return {"id": record.id, "object": "judgment", "created_at": record.created_at.isoformat(),
-            "model": record.model_name, "heads": record.heads_name, "kind": record.kind, "text": record.output,
-            "finish_reason": record.finish_reason, "usage": _usage(record),
-            "judgment": _judgment_summary(record, record.trace["constraints"]), "trace": record.trace}
+def identity(record: JudgmentRecord) -> dict:
+    """Return which model, heads and seed produced a judgment: what a replay needs."""
+    return {"model": record.model_name, "model_fingerprint": record.model_fingerprint, "heads": record.heads_name,
+            "heads_fingerprint": record.heads_fingerprint, "seed": record.parameters.get("seed")}
+
+
+def generation_body(record: JudgmentRecord, include_trace: bool = True) -> dict:
+    """Render the response to a generation or score request."""
+    body = {"id": record.id, "object": "judgment", "created_at": record.created_at.isoformat()} | identity(record) | {
+        "kind": record.kind, "text": None if is_withheld(record) else record.output,
+        "finish_reason": record.finish_reason, "usage": usage(record),
+        "judgment": judgment_summary(record, (record.trace or {}).get("constraints"))}
+    if include_trace:
+        body["trace"] = response_trace(record)
+    return body
 
 
 def record_body(record: JudgmentRecord) -> dict:
-    """Render a stored judgment in full."""
-    return generation_body(record) | {
-        "request_id": record.request_id, "completed_at": record.completed_at.isoformat(), "status": record.status,
+    """Render a stored judgment in full, the text included even when it was withheld from the client."""
+    body = generation_body(record, include_trace=record.trace is not None) | {
+        "text": record.output, "request_id": record.request_id, "status": record.status,
+        "completed_at": record.completed_at.isoformat() if record.completed_at else None,
         "input": record.prompt, "parameters": record.parameters, "metadata": record.metadata,
-        "latency_ms": record.latency_ms, "model_fingerprint": record.model_fingerprint,
-        "heads_fingerprint": record.heads_fingerprint}
+        "latency_ms": record.latency_ms}
+    if record.trace is not None:
+        body["trace"] = record.trace
+    return body
 
 
 def list_item_body(record: JudgmentRecord, constraint_order: list[str]) -> dict:
-    return {"id": record.id, "kind": record.kind, "created_at": record.created_at.isoformat(), "model": record.model_name,
-            "heads": record.heads_name, "text": record.output, "finish_reason": record.finish_reason,
-            "flagged": record.flagged, "usage": _usage(record),
-            "judgment": _judgment_summary(record, constraint_order), "metadata": record.metadata}
+    return {"id": record.id, "kind": record.kind, "status": record.status, "created_at": record.created_at.isoformat(),
+            "model": record.model_name, "heads": record.heads_name, "text": record.output,
+            "finish_reason": record.finish_reason, "flagged": record.flagged, "usage": usage(record),
+            "judgment": judgment_summary(record, constraint_order), "metadata": record.metadata}
+
+
+def sse_event(data: dict | str, event: str | None = None) -> str:
+    """Format one server-sent event; ``data`` is sent as JSON unless it is already a string."""
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return (f"event: {event}\n" if event else "") + f"data: {payload}\n\n"

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from sqlalchemy import Engine
 from models.base import fetch_default_model, is_model_dir_complete, load_base_model
 from models.decode import ConstraintModel
 from models.heads import load_checkpoint
+from server.policy import check_policy
 from server.settings import Settings
 from server.store import AuditStore, create_engine_for, upgrade_database
 from server.worker import GenerationWorker
@@ -27,6 +29,7 @@ class Runtime:
     worker: GenerationWorker
     engine: Engine
     store: AuditStore
+    started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
     def close(self) -> None:
         self.worker.stop()
@@ -54,6 +57,7 @@ def build_runtime(settings: Settings, model: ConstraintModel | None = None) -> R
     engine = create_engine_for(settings.resolved_database_url)
     upgrade_database(engine)
     model = model or load_model(settings)
+    check_policy(settings.policy, model.constraints, "TRACEHEAD_POLICY")
     worker = GenerationWorker(model, settings.max_queue, settings.queue_retry_after_s)
     worker.start()
     return Runtime(settings, model, model.heads.fingerprint(), worker, engine,

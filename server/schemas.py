@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from server.policy import Policy
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 64
@@ -35,6 +37,43 @@ def _unicode_text(value: str) -> str:
 UnicodeText = Annotated[str, AfterValidator(_unicode_text)]
 
 
+def _check_metadata(value: dict[str, str]) -> dict[str, str]:
+    if len(value) > MAX_METADATA_KEYS:
+        raise ValueError(f"at most {MAX_METADATA_KEYS} metadata keys are allowed, got {len(value)}")
+    for key, item in value.items():
+        if not key or len(key) > MAX_METADATA_KEY_LENGTH:
+            raise ValueError(f"metadata key {key[:80]!r} must be 1 to {MAX_METADATA_KEY_LENGTH} characters")
+        _check_unicode("metadata key", key)
+        _check_unicode(f"metadata value of {key!r}", item)
+        if len(item) > MAX_METADATA_VALUE_LENGTH:
+            raise ValueError(f"metadata value of {key!r} is {len(item)} characters; the limit is {MAX_METADATA_VALUE_LENGTH}")
+    return value
+
+
+# String pairs stored with the judgment, searchable by auditors.
+Metadata = Annotated[dict[str, str], AfterValidator(_check_metadata)]
+
+
+def _stop_as_list(value):
+    return [value] if isinstance(value, str) else value
+
+
+def _check_stop(value: list[str]) -> list[str]:
+    if len(value) > MAX_STOP_SEQUENCES:
+        raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(value)}")
+    for sequence in value:
+        if not sequence:
+            raise ValueError("stop sequences must not be empty strings")
+        _check_unicode("stop sequence", sequence)
+        if len(sequence) > MAX_STOP_LENGTH:
+            raise ValueError(f"a stop sequence may be at most {MAX_STOP_LENGTH} characters, got {len(sequence)}")
+    return value
+
+
+# One string or a list of them; generation ends where one appears, and it is cut from the text.
+StopSequences = Annotated[list[str], BeforeValidator(_stop_as_list), AfterValidator(_check_stop)]
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -49,23 +88,7 @@ class PromptInput(BaseModel):
 
     prompt: str | None = Field(None, description="Raw prompt text, sent to the model as it is.")
     messages: list[ChatMessage] | None = Field(None, min_length=1, description="Chat messages; the model's chat template is applied.")
-    metadata: dict[str, str] | None = Field(None, description=f"Up to {MAX_METADATA_KEYS} string pairs stored with the judgment.")
-
-    @field_validator("metadata")
-    @classmethod
-    def _check_metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is None:
-            return value
-        if len(value) > MAX_METADATA_KEYS:
-            raise ValueError(f"at most {MAX_METADATA_KEYS} metadata keys are allowed, got {len(value)}")
-        for key, item in value.items():
-            if not key or len(key) > MAX_METADATA_KEY_LENGTH:
-                raise ValueError(f"metadata key {key[:80]!r} must be 1 to {MAX_METADATA_KEY_LENGTH} characters")
-            _check_unicode("metadata key", key)
-            _check_unicode(f"metadata value of {key!r}", item)
-            if len(item) > MAX_METADATA_VALUE_LENGTH:
-                raise ValueError(f"metadata value of {key!r} is {len(item)} characters; the limit is {MAX_METADATA_VALUE_LENGTH}")
-        return value
+    metadata: Metadata | None = Field(None, description=f"Up to {MAX_METADATA_KEYS} string pairs stored with the judgment.")
 
     @field_validator("prompt")
     @classmethod
@@ -91,27 +114,10 @@ class GenerateRequest(PromptInput):
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass in (0, 1].")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, strict=True, description="Seed for reproducible sampling; the used seed is stored either way.")
-    stop: list[str] | None = Field(None, description=f"Up to {MAX_STOP_SEQUENCES} strings that end generation; not included in the text.")
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_as_list(cls, value):
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, value: list[str] | None) -> list[str] | None:
-        if value is None:
-            return value
-        if len(value) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(value)}")
-        for sequence in value:
-            if not sequence:
-                raise ValueError("stop sequences must not be empty strings")
-            _check_unicode("stop sequence", sequence)
-            if len(sequence) > MAX_STOP_LENGTH:
-                raise ValueError(f"a stop sequence may be at most {MAX_STOP_LENGTH} characters, got {len(sequence)}")
-        return value
+    stop: StopSequences | None = Field(None, description=f"Up to {MAX_STOP_SEQUENCES} strings that end generation; not included in the text.")
+    stream: bool = Field(False, strict=True, description="Send server-sent events: the prompt, each token with its trace, then the judgment.")
+    include_trace: bool = Field(True, strict=True, description="false leaves the per-token trace out of the response; the store keeps it.")
+    policy: Policy | None = Field(None, description="Per constraint a min_score and an action (flag, stop, withhold); replaces the server default's rules for the constraints it names.")
 
 
 class ScoreRequest(PromptInput):
@@ -137,19 +143,36 @@ class ConstraintVerdict(BaseModel):
     passed: bool = Field(description="score >= threshold.")
 
 
+class TriggeredRule(BaseModel):
+    constraint: str
+    action: Literal["flag", "stop", "withhold"]
+    position: int = Field(description="Sequence position of the first generated token below min_score.")
+    score: float = Field(description="That token's score.")
+    min_score: float
+
+
+class PolicyOutcomeBody(BaseModel):
+    rules: Policy = Field(description="The rules applied: the server default merged with the request's.")
+    triggered: list[TriggeredRule] = Field(None, description="Rules whose minimum a generated token fell below.")
+    withheld: bool = Field(None, description="True when a withhold rule kept the text from the client.")
+
+
 class JudgmentSummary(BaseModel):
-    flagged: bool = Field(description="True when any constraint failed.")
+    flagged: bool = Field(description="True when any constraint failed or any policy rule triggered.")
     constraints: dict[str, ConstraintVerdict]
+    policy: PolicyOutcomeBody | None = Field(description="The constraint policy and what it did; null without rules.")
 
 
 class TraceToken(BaseModel):
     position: int = Field(description="Index in the whole prompt + output sequence.")
-    token_id: int
-    text: str
+    token_id: int | None = Field(description="Null in a response whose text was withheld.")
+    text: str | None = Field(description="The token's text piece; null in a response whose text was withheld.")
     logprob: float | None = Field(description="Log-probability under the model; null for prompt tokens.")
     scores: dict[str, float] = Field(description="Score per constraint after this token.")
     attention: dict[str, list[tuple[int, float]]] = Field(
         description="Per constraint, the most attended earlier positions as [position, weight], heaviest first.")
+    top_logprobs: list[tuple[int, str, float]] = Field(None, description=(
+        "Only when requested: the most likely tokens at this position as [token_id, text, logprob]."))
 
 
 class Trace(BaseModel):
@@ -163,38 +186,43 @@ class GenerateResponse(BaseModel):
     object: Literal["judgment"] = "judgment"
     created_at: datetime
     model: str
+    model_fingerprint: str = Field(description="sha256 over the base model's tensors.")
     heads: str
+    heads_fingerprint: str = Field(description="sha256 over the head checkpoint's tensors.")
+    seed: int | None = Field(description="The sampling seed (drawn when the request set none); null for a score.")
     kind: Literal["generation", "score"] = Field(description="A generation, or a score of a supplied response.")
-    text: str
-    finish_reason: Literal["stop", "length", "supplied"] = Field(
-        description='"supplied" for a scored response, which the caller wrote rather than the model.')
+    text: str | None = Field(description="The output; null when a withhold rule triggered.")
+    finish_reason: Literal["stop", "length", "constraint", "supplied"] = Field(description=(
+        '"constraint" when a stop or withhold rule triggered; "supplied" for a scored response.'))
     usage: Usage
     judgment: JudgmentSummary
-    trace: Trace
+    trace: Trace = Field(None, description="Left out when the request set include_trace to false.")
 
 
 class JudgmentRecordResponse(GenerateResponse):
     """A stored judgment with everything the request sent and how it ran."""
 
+    text: str = Field(description="The output as generated, also when it was withheld from the client.")
+    finish_reason: str | None = Field(description="Also cancelled or error; null while a stream is in progress.")
     request_id: str
-    completed_at: datetime
-    status: str
+    completed_at: datetime | None = Field(description="Null while a stream is in progress.")
+    status: Literal["started", "completed", "cancelled", "failed"] = Field(description=(
+        "started: a stream in progress, or one whose final commit failed; cancelled: the client disconnected."))
     input: dict = Field(description='{"prompt": ...} or {"messages": [...]} as sent.')
     parameters: dict
     metadata: dict[str, str]
-    latency_ms: float
-    model_fingerprint: str
-    heads_fingerprint: str
+    latency_ms: float | None
 
 
 class JudgmentListItem(BaseModel):
     id: str
     kind: str
+    status: str
     created_at: datetime
     model: str
     heads: str
     text: str
-    finish_reason: str
+    finish_reason: str | None
     flagged: bool
     usage: Usage
     judgment: JudgmentSummary

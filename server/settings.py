@@ -12,6 +12,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.base import DEFAULT_MODEL_NAME
+from server.policy import Policy
 
 BUNDLED_HEADS = Path(__file__).resolve().parent.parent / "models" / "default_heads"
 
@@ -49,6 +50,9 @@ class Settings(BaseSettings):
     max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
     default_max_tokens: int = Field(128, ge=1, description="max_tokens when a request leaves it out.")
     top_k_attention: int = Field(5, ge=1, le=64, description="Attended positions kept per token and constraint.")
+    policy: Policy = Field(default_factory=dict, description=(
+        'Default constraint policy as JSON, e.g. {"reciprocity": {"min_score": 0.3, "action": "flag"}}; '
+        "a request's policy replaces the rules of the constraints it names."))
 
     @field_validator("device")
     @classmethod

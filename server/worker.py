@@ -9,9 +9,9 @@ import threading
 import time
 from concurrent.futures import Future
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from models.decode import ConstraintModel, SamplingParams, TokenTrace
+from models.decode import ConstraintModel, ConstraintStop, SamplingParams, TokenTrace
 from server.errors import ApiError, QueueFullError
 
 logger = logging.getLogger(__name__)
@@ -19,21 +19,65 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class GenerationResult:
-    prompt_trace: list[TokenTrace]
+    prompt_trace: list[TokenTrace]  # empty when the request was cancelled before it ran
     output_trace: list[TokenTrace]
     text: str
-    finish_reason: str
+    finish_reason: str  # stop, length, constraint, cancelled, or supplied for a scored text
     seed: int | None  # None for a scored text, which samples nothing
     queued_ms: float
     generation_ms: float
+    stopped_by: ConstraintStop | None = None
+
+
+@dataclass
+class PromptEvent:
+    """The prompt has been run through the model; its trace is ready."""
+
+    prompt_trace: list[TokenTrace]
+
+
+@dataclass
+class TokenEvent:
+    """One generated token with its trace and the text that became final with it (often empty)."""
+
+    trace: TokenTrace
+    text: str
 
 
 @dataclass
 class _Job:
     request_id: str
-    task: Callable[[float], GenerationResult]  # runs on the worker thread; gets the enqueue time
+    task: Callable[["_Job"], GenerationResult]  # runs on the worker thread
     future: Future
     enqueued_at: float
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    emit: Callable[[PromptEvent | TokenEvent], None] = lambda event: None  # called on the worker thread
+
+
+class TokenStream:
+    """A queued generation whose prompt and tokens arrive as they are produced.
+
+    Iterate it for the events; ``result()`` then gives the finished generation.
+    ``cancel()`` makes the worker stop before its next step.
+    """
+
+    def __init__(self, job: _Job, events: asyncio.Queue):
+        self._job, self._events = job, events
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> PromptEvent | TokenEvent:
+        event = await self._events.get()
+        if event is None:
+            raise StopAsyncIteration
+        return event
+
+    def cancel(self) -> None:
+        self._job.cancelled.set()
+
+    async def result(self) -> GenerationResult:
+        return await asyncio.wrap_future(self._job.future)
 
 
 class GenerationWorker:
@@ -69,15 +113,35 @@ class GenerationWorker:
 
     async def generate(self, request_id: str, input_ids: list[int], params: SamplingParams) -> GenerationResult:
         """Queue a generation and wait for it."""
-        return await self._submit(request_id, lambda enqueued_at: self._generate(request_id, input_ids, params,
-                                                                                 enqueued_at))
+        job = self._enqueue(request_id, lambda job: self._generate(job, input_ids, params))
+        return await asyncio.wrap_future(job.future)
+
+    def stream(self, request_id: str, input_ids: list[int], params: SamplingParams) -> TokenStream:
+        """Queue a generation whose events arrive one by one; raises QueueFullError at once."""
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def emit(event: PromptEvent | TokenEvent | None) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop has closed, so no request reads the stream
+                logger.debug("Dropped a stream event of request %s: its event loop is closed", request_id)
+
+        def task(job: _Job) -> GenerationResult:
+            try:
+                return self._generate(job, input_ids, params)
+            finally:
+                emit(None)
+
+        job = self._enqueue(request_id, task)
+        job.emit = emit
+        return TokenStream(job, events)
 
     async def score(self, request_id: str, prompt_ids: list[int], output_ids: list[int]) -> GenerationResult:
         """Queue the scoring of a supplied output and wait for it."""
-        return await self._submit(request_id, lambda enqueued_at: self._score(request_id, prompt_ids, output_ids,
-                                                                              enqueued_at))
+        job = self._enqueue(request_id, lambda job: self._score(job, prompt_ids, output_ids))
+        return await asyncio.wrap_future(job.future)
 
-    async def _submit(self, request_id: str, task: Callable[[float], GenerationResult]) -> GenerationResult:
+    def _enqueue(self, request_id: str, task: Callable[[_Job], GenerationResult]) -> _Job:
         if self._stopping:
             raise ApiError(503, "the generation worker is stopping with the server; retry on another replica "
                            "or after the restart", type="service_unavailable", code="worker_stopping")
@@ -87,36 +151,43 @@ class GenerationWorker:
         except queue.Full:
             logger.warning("Queue full, rejecting request %s", request_id)
             raise QueueFullError(self.max_queue, self.retry_after_s) from None
-        return await asyncio.wrap_future(job.future)
+        return job
 
     def _run(self) -> None:
         while (job := self._queue.get()) is not None:
             if not job.future.set_running_or_notify_cancel():
                 continue
             try:
-                job.future.set_result(job.task(job.enqueued_at))
+                job.future.set_result(job.task(job))
             except Exception as exc:  # the error travels to the waiting request, which maps it
                 logger.exception("Generation failed for request %s", job.request_id)
                 job.future.set_exception(exc)
 
-    def _generate(self, request_id: str, input_ids: list[int], params: SamplingParams,
-                  enqueued_at: float) -> GenerationResult:
+    def _generate(self, job: _Job, input_ids: list[int], params: SamplingParams) -> GenerationResult:
         started = time.perf_counter()
         session = self.model.start(input_ids, params)
-        session.prefill()
-        session.run()
+        if job.cancelled.is_set():  # cancelled while queued: nothing ran, so nothing is traced
+            session.cancel()
+        else:
+            job.emit(PromptEvent(session.prefill()))
+        while not session.finished:
+            if job.cancelled.is_set():
+                session.cancel()
+                break
+            trace = session.step()
+            job.emit(TokenEvent(trace, session.take_text()))
         finished = time.perf_counter()
-        logger.info("Request %s: %d prompt + %d output tokens in %.0f ms (%s)", request_id,
+        logger.info("Request %s: %d prompt + %d output tokens in %.0f ms (%s)", job.request_id,
                     len(input_ids), len(session.output_ids), (finished - started) * 1000, session.finish_reason)
         return GenerationResult(session.prompt_trace, session.output_trace, session.text, session.finish_reason,
-                                session.seed, (started - enqueued_at) * 1000, (finished - started) * 1000)
+                                session.seed, (started - job.enqueued_at) * 1000, (finished - started) * 1000,
+                                session.stopped_by)
 
-    def _score(self, request_id: str, prompt_ids: list[int], output_ids: list[int],
-               enqueued_at: float) -> GenerationResult:
+    def _score(self, job: _Job, prompt_ids: list[int], output_ids: list[int]) -> GenerationResult:
         started = time.perf_counter()
         prompt_trace, output_trace = self.model.score(prompt_ids, output_ids)
         finished = time.perf_counter()
-        logger.info("Request %s: scored %d prompt + %d supplied tokens in %.0f ms", request_id,
+        logger.info("Request %s: scored %d prompt + %d supplied tokens in %.0f ms", job.request_id,
                     len(prompt_ids), len(output_ids), (finished - started) * 1000)
         return GenerationResult(prompt_trace, output_trace, "", "supplied", None,
-                                (started - enqueued_at) * 1000, (finished - started) * 1000)
+                                (started - job.enqueued_at) * 1000, (finished - started) * 1000)

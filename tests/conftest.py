@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from models.base import BaseModel, fingerprint_model
-from models.decode import ConstraintModel
+from models.decode import ConstraintModel, DecodeSession, SamplingParams
 from models.heads import ConstraintHeads, HeadsConfig
 
 CONSTRAINTS = ["testifiability", "decidability", "reciprocity", "causality"]
@@ -65,3 +67,27 @@ def tiny_base() -> BaseModel:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_base: BaseModel) -> ConstraintModel:
     return ConstraintModel(tiny_base, build_tiny_heads(tiny_base), top_k_attention=3)
+
+
+# Seconds each decode step of the slowed model waits, so that a test can act while a generation runs.
+SLOW_STEP_S = 0.1
+
+
+class SlowModel(ConstraintModel):
+    """The tiny model with each decode step slowed down by SLOW_STEP_S; otherwise the same."""
+
+    def start(self, input_ids: list[int], params: SamplingParams) -> DecodeSession:
+        session = super().start(input_ids, params)
+        session.__class__ = _SlowSession
+        return session
+
+
+class _SlowSession(DecodeSession):
+    def step(self):
+        time.sleep(SLOW_STEP_S)
+        return super().step()
+
+
+@pytest.fixture(scope="session")
+def slow_model(tiny_model: ConstraintModel) -> SlowModel:
+    return SlowModel(tiny_model.base, tiny_model.heads, top_k_attention=tiny_model.top_k_attention)

@@ -1,4 +1,4 @@
-"""POST /v1/generate: generate text with its constraint trace, committed before the response."""
+"""POST /v1/generate and /v1/score: the native routes, whose responses carry the whole trace."""
 
 from __future__ import annotations
 
@@ -6,65 +6,80 @@ import logging
 from datetime import datetime, timezone
 
 from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from models.decode import PromptTooLongError, SamplingParams
-from models.judgment import assemble_judgment
+from models.decode import PromptTooLongError
 from server.dependencies import RuntimeDep
-from server.errors import ApiError
-from server.records import build_record, generation_body
+from server.generation import (
+    GenerationInput,
+    PreparedGeneration,
+    StreamEnd,
+    StreamError,
+    StreamItem,
+    commit,
+    finished_record,
+    generate_once,
+    open_stream,
+    prepare_generation,
+    prepare_score,
+    trace_token_dict,
+)
+from server.errors import error_body
+from server.records import generation_body, redact_token, sse_event
 from server.schemas import GenerateRequest, GenerateResponse, ScoreRequest
-from server.settings import Settings
-from server.store import new_judgment_id
+from server.worker import PromptEvent, TokenEvent
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["generation"])
 
-
-def sampling_params(body: GenerateRequest, settings: Settings) -> SamplingParams:
-    if body.max_tokens is None:
-        max_tokens = min(settings.default_max_tokens, settings.max_tokens_limit)
-    else:
-        max_tokens = body.max_tokens
-    if max_tokens > settings.max_tokens_limit:
-        raise ApiError(422, f"max_tokens is {max_tokens}, above this server's limit of {settings.max_tokens_limit}; "
-                       "ask for fewer tokens", param="max_tokens", code="invalid_value")
-    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
-                          top_p=body.top_p, seed=body.seed, stop=body.stop or [])
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # keep proxies from buffering events
 
 
-@router.post("/v1/generate", response_model=GenerateResponse)
-async def generate(body: GenerateRequest, runtime: RuntimeDep, request: Request) -> dict:
-    created_at = datetime.now(timezone.utc)
-    params = sampling_params(body, runtime.settings)
+@router.post("/v1/generate", response_model=GenerateResponse, response_model_exclude_unset=True, responses={
+    200: {"description": "The judgment; with stream=true, server-sent events: prompt, token..., judgment "
+                         "(or error)."}})
+async def generate(body: GenerateRequest, runtime: RuntimeDep, request: Request):
     messages = [message.model_dump() for message in body.messages] if body.messages is not None else None
-    input_ids = await run_in_threadpool(runtime.model.encode, body.prompt, messages)
-    context_length = runtime.model.base.context_length
-    if body.max_tokens is None and len(input_ids) < context_length:
-        params.max_tokens = min(params.max_tokens, context_length - len(input_ids))
-    if len(input_ids) + params.max_tokens > context_length:
-        raise PromptTooLongError(len(input_ids), params.max_tokens, context_length)
-
-    request_id = request.state.request_id
-    result = await runtime.worker.generate(request_id, input_ids, params)
-    judgment = assemble_judgment(result.output_trace, result.prompt_trace, runtime.model.heads.config)
-
-    parameters = {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,
-                  "seed": result.seed, "seed_from_request": params.seed is not None, "stop": params.stop}
-    record = build_record(new_judgment_id(), request_id, created_at, body, parameters, result, judgment,
-                          runtime.model, runtime.heads_fingerprint, kind="generation", output=result.text)
-    return await commit_and_render(runtime, record)
+    sampling = GenerationInput(body.prompt, messages, body.max_tokens, body.temperature, body.top_p, body.seed,
+                            body.stop or [], policy=body.policy)
+    prepared = await prepare_generation(runtime, request, sampling, body.metadata or {},
+                                        {"endpoint": "generate", "stream": body.stream})
+    if not body.stream:
+        return generation_body(await generate_once(runtime, prepared), body.include_trace)
+    items = await open_stream(runtime, prepared, request)
+    return StreamingResponse(_native_events(items, prepared, body.include_trace), media_type="text/event-stream",
+                             headers=SSE_HEADERS)
 
 
-async def commit_and_render(runtime, record) -> dict:
-    """Commit the record, then render the response: no output leaves without a record."""
-    await run_in_threadpool(runtime.store.save, record)
-    logger.info("Request %s committed judgment %s (kind=%s, flagged=%s)", record.request_id, record.id, record.kind,
-                record.flagged)
-    return generation_body(record)
+async def _native_events(items, prepared: PreparedGeneration, include_trace: bool):
+    async for item in items:
+        yield _native_event(item, prepared, include_trace, prepared.withholding)
 
 
-@router.post("/v1/score", response_model=GenerateResponse)
+def _native_event(item: StreamItem, prepared: PreparedGeneration, include_trace: bool, withholding: bool) -> str:
+    if isinstance(item, PromptEvent):
+        data = {"id": prepared.judgment_id, "seed": prepared.params.seed,
+                "prompt_token_count": len(item.prompt_trace)}
+        if include_trace:
+            data["prompt_tokens"] = [trace_token_dict(token) for token in item.prompt_trace]
+        return sse_event(data, "prompt")
+    if isinstance(item, TokenEvent):
+        data = {"text": item.text}
+        if include_trace:
+            token = trace_token_dict(item.trace)
+            data["token"] = redact_token(token) if withholding else token
+        return sse_event(data, "token")
+    if isinstance(item, StreamEnd):
+        # The final text is whole here, so text held back under a withhold rule needs no event of its own.
+        return sse_event(generation_body(item.record, include_trace=False) | {"status": item.record.status},
+                         "judgment")
+    if isinstance(item, StreamError):
+        return sse_event(error_body(item.error), "error")
+    raise TypeError(f"unexpected stream item {type(item).__name__}")
+
+
+@router.post("/v1/score", response_model=GenerateResponse, response_model_exclude_unset=True)
 async def score(body: ScoreRequest, runtime: RuntimeDep, request: Request) -> dict:
     """Judge a supplied response to a prompt without generating; logged like any judgment."""
     created_at = datetime.now(timezone.utc)
@@ -75,9 +90,7 @@ async def score(body: ScoreRequest, runtime: RuntimeDep, request: Request) -> di
     if len(prompt_ids) + len(output_ids) > context_length:
         raise PromptTooLongError(len(prompt_ids), len(output_ids), context_length, supplied_response=True)
 
+    prepared = prepare_score(request.state.request_id, created_at, body, messages, prompt_ids)
     result = await runtime.worker.score(request.state.request_id, prompt_ids, output_ids)
-    judgment = assemble_judgment(result.output_trace, result.prompt_trace, runtime.model.heads.config)
-    record = build_record(new_judgment_id(), request.state.request_id, created_at, body,
-                          {"end_of_turn": body.end_of_turn}, result, judgment, runtime.model,
-                          runtime.heads_fingerprint, kind="score", output=body.response)
-    return await commit_and_render(runtime, record)
+    record = await commit(runtime, finished_record(runtime, prepared, result, output=body.response))
+    return generation_body(record)

@@ -35,6 +35,8 @@ async def list_judgments(
     passed: Annotated[bool | None, Query(description="Only judgments where `constraint` passed (true) or failed (false).")] = None,
     flagged: Annotated[bool | None, Query()] = None,
     kind: Annotated[Literal["generation", "score"] | None, Query(description="Generations or scored responses only.")] = None,
+    status: Annotated[Literal["started", "completed", "cancelled", "failed"] | None, Query(
+        description="started: streams in progress or whose final commit failed; cancelled: the client disconnected.")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=64, description="next_cursor of the previous page.")] = None,
 ) -> dict:
@@ -54,14 +56,13 @@ async def list_judgments(
     if since is not None and until is not None and since >= until:
         raise ApiError(422, f"since {since.isoformat()} is not before until {until.isoformat()}; swap them",
                        param="since", code="invalid_value")
-    query = JudgmentQuery(since, until, constraint, min_score, max_score,
-                          passed, flagged, kind)
+    query = JudgmentQuery(since, until, constraint, min_score, max_score, passed, flagged, kind, status)
     page = await run_in_threadpool(runtime.store.list, query, limit, cursor)
     return {"object": "list", "data": [list_item_body(record, known) for record in page.items],
             "next_cursor": page.next_cursor}
 
 
-@router.get("/v1/judgments/{judgment_id}", response_model=JudgmentRecordResponse)
+@router.get("/v1/judgments/{judgment_id}", response_model=JudgmentRecordResponse, response_model_exclude_unset=True)
 async def get_judgment(judgment_id: str, runtime: RuntimeDep) -> dict:
     record = await run_in_threadpool(runtime.store.get, judgment_id)
     if record is None:

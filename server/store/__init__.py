@@ -2,22 +2,30 @@
 
 from server.store.db import create_engine_for, database_revision, head_revision, upgrade_database
 from server.store.repository import (
+    FINAL_STATUSES,
+    JUDGMENT_STATUSES,
+    STARTED_STATUS,
     AuditStore,
     InvalidCursorError,
     JudgmentPage,
     JudgmentQuery,
     JudgmentRecord,
+    JudgmentStateError,
     StoreUnavailableError,
     VerdictRecord,
     new_judgment_id,
 )
 
 __all__ = [
+    "FINAL_STATUSES",
+    "JUDGMENT_STATUSES",
+    "STARTED_STATUS",
     "AuditStore",
     "InvalidCursorError",
     "JudgmentPage",
     "JudgmentQuery",
     "JudgmentRecord",
+    "JudgmentStateError",
     "StoreUnavailableError",
     "VerdictRecord",
     "create_engine_for",

@@ -1,6 +1,8 @@
 """Engine setup and schema migrations for the audit store."""
 
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -8,7 +10,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 import migrations
@@ -67,12 +69,41 @@ def upgrade_database(engine: Engine) -> None:
     if current == head:
         logger.info("database schema is at revision %s", head)
         return
-    config = _alembic_config()
     logger.info("upgrading database schema from revision %s to %s", current, head)
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+    run_migrations(engine, command.upgrade, "head")
     logger.info("database schema is at revision %s", database_revision(engine))
+
+
+def run_migrations(engine: Engine, action: Callable[[Config, str], None], revision: str) -> None:
+    """Run an Alembic command such as ``command.upgrade`` to ``revision`` in one transaction."""
+    config = _alembic_config()
+    with engine.connect() as connection, sqlite_foreign_keys_off(connection):
+        with connection.begin():
+            config.attributes["connection"] = connection
+            action(config, revision)
+
+
+@contextmanager
+def sqlite_foreign_keys_off(connection: Connection) -> Iterator[None]:
+    """On SQLite, turn foreign keys off for a migration, then check them and turn them back on.
+
+    Batch mode copies a table and drops the old one; with foreign keys on, the
+    drop would cascade and delete every verdict and trace. SQLite ignores the
+    pragma inside a transaction, so the block must begin and end its own.
+    """
+    if connection.dialect.name != "sqlite":
+        yield
+        return
+    connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+    connection.commit()
+    try:
+        yield
+    finally:
+        broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+        connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+        connection.commit()
+    if broken:
+        raise RuntimeError(f"the migration left {len(broken)} rows whose foreign key points nowhere; first: {broken[0]}")
 
 
 def database_revision(engine: Engine) -> str | None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, select
+from sqlalchemy import ColumnElement, Engine, select, update
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, selectinload
 
@@ -23,6 +23,12 @@ logger = logging.getLogger(__name__)
 
 # Layout version of the trace dict, stored with each trace row.
 TRACE_FORMAT_VERSION = 1
+
+# A streamed judgment is stored with STARTED_STATUS before its first token and
+# later gets one of FINAL_STATUSES. A one-shot judgment is saved final.
+STARTED_STATUS = "started"
+FINAL_STATUSES = ("completed", "cancelled", "failed")
+JUDGMENT_STATUSES = (STARTED_STATUS, *FINAL_STATUSES)
 
 
 @dataclass
@@ -41,12 +47,16 @@ class VerdictRecord:
 class JudgmentRecord:
     """One generation request with its output, verdicts and trace.
 
-    Datetimes must be timezone-aware. The store returns them in UTC.
+    Datetimes must be timezone-aware. The store returns them in UTC. A
+    streamed judgment is written to one row in two steps: ``AuditStore.start``
+    inserts it with status "started", no output, no verdicts and no trace,
+    and ``AuditStore.finish`` updates it to its final status.
     """
 
     id: str
     created_at: datetime
-    completed_at: datetime
+    # completed_at, finish_reason and latency_ms are None while status is "started".
+    completed_at: datetime | None
     request_id: str
     model_name: str
     model_fingerprint: str
@@ -56,11 +66,13 @@ class JudgmentRecord:
     prompt: dict[str, Any]
     output: str
     parameters: dict[str, Any]
-    finish_reason: str
+    finish_reason: str | None
+    # "started", then "completed", "cancelled" (the client disconnected, and
+    # output has the tokens generated until then) or "failed".
     status: str
     prompt_tokens: int
     completion_tokens: int
-    latency_ms: float
+    latency_ms: float | None
     flagged: bool
     metadata: dict[str, str]
     verdicts: list[VerdictRecord]
@@ -68,6 +80,8 @@ class JudgmentRecord:
     trace: dict[str, Any] | None
     # "generation", or "score" for a text that the caller supplied.
     kind: str = "generation"
+    # The constraint policy applied to the request and its outcome, as a JSON object.
+    policy: dict[str, Any] | None = None
 
 
 @dataclass
@@ -88,10 +102,15 @@ class JudgmentQuery:
     passed: bool | None = None
     flagged: bool | None = None
     kind: str | None = None
+    status: str | None = None
 
     def __post_init__(self) -> None:
         _require_aware(self.since, "since")
         _require_aware(self.until, "until")
+        if self.status is not None and self.status not in JUDGMENT_STATUSES:
+            raise ValueError(
+                f"status={self.status!r} is not a judgment status. Use one of {_quoted(JUDGMENT_STATUSES)}."
+            )
         verdict_filters = {"min_score": self.min_score, "max_score": self.max_score, "passed": self.passed}
         for name, value in verdict_filters.items():
             if value is not None and self.constraint is None:
@@ -116,6 +135,22 @@ class StoreUnavailableError(RuntimeError):
 
 class InvalidCursorError(ValueError):
     """A paging cursor that this server did not issue."""
+
+
+class JudgmentStateError(RuntimeError):
+    """A finish() of a judgment that was never started or is already finished.
+
+    ``status`` is the stored status, or None if no judgment has the id.
+    """
+
+    def __init__(self, judgment_id: str, status: str | None) -> None:
+        if status is None:
+            reason = "no judgment has that id. Store it with start() before finish()"
+        else:
+            reason = f"its status is {status!r}, not {STARTED_STATUS!r}, so it was already finished"
+        super().__init__(f"Cannot finish judgment {judgment_id}: {reason}.")
+        self.judgment_id = judgment_id
+        self.status = status
 
 
 def new_judgment_id() -> str:
@@ -145,24 +180,64 @@ class AuditStore:
         self._engine = engine
 
     def save(self, record: JudgmentRecord) -> None:
-        """Insert the judgment, its verdicts and its trace in one transaction.
+        """Insert a finished one-shot judgment, its verdicts and its trace in one transaction.
 
-        Raises ValueError for a naive datetime, before touching the database.
-        Raises StoreUnavailableError if the insert or the commit fails, for
-        example on a duplicate id. Nothing of the record is stored then.
+        Raises ValueError, before touching the database, for a naive datetime,
+        a missing completed_at or a status other than "completed", "cancelled"
+        or "failed". Raises StoreUnavailableError if the insert or the commit
+        fails, for example on a duplicate id. Nothing of the record is stored then.
         """
-        _require_aware(record.created_at, "created_at")
-        _require_aware(record.completed_at, "completed_at")
+        _require_final(record, "save")
 
-        try:
-            with Session(self._engine) as session, session.begin():
-                session.add(_to_row(record))
-        except SQLAlchemyError as exc:
-            logger.exception("failed to save judgment %s", record.id)
-            raise StoreUnavailableError(
-                f"The audit store could not save judgment {record.id}: {_describe(exc)}"
-            ) from exc
+        with self._transaction(f"save judgment {record.id}") as session:
+            session.add(_to_row(record))
         logger.debug("saved judgment %s with %d verdicts", record.id, len(record.verdicts))
+
+    def start(self, record: JudgmentRecord) -> None:
+        """Insert a streamed judgment with status "started", before its first token is sent.
+
+        The record has no verdicts, no trace, and None for completed_at,
+        finish_reason and latency_ms. Complete it with finish(). Raises
+        ValueError for any other record, before touching the database, and
+        StoreUnavailableError if the insert or the commit fails.
+        """
+        _require_started(record)
+
+        with self._transaction(f"start judgment {record.id}") as session:
+            session.add(_to_row(record))
+        logger.debug("started judgment %s", record.id)
+
+    def finish(self, record: JudgmentRecord) -> None:
+        """Update a started judgment from every field of ``record``, and insert its verdicts and trace.
+
+        All of it happens in one transaction. The status of ``record`` must be
+        "completed", "cancelled" or "failed", with completed_at set, or
+        ValueError is raised before touching the database. Raises
+        JudgmentStateError if no judgment has the id or its stored status is
+        not "started", so a judgment is finished only once. Raises
+        StoreUnavailableError if a statement or the commit fails, and the
+        stored judgment then stays "started".
+        """
+        _require_final(record, "finish")
+        values = {name: getattr(record, name) for name in _JUDGMENT_FIELDS if name != "id"}
+        values["metadata_"] = record.metadata
+        # The status condition makes the check and the update one statement, so
+        # of two concurrent finish() calls only one updates the row.
+        statement = (
+            update(Judgment)
+            .where(Judgment.id == record.id, Judgment.status == STARTED_STATUS)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+
+        with self._transaction(f"finish judgment {record.id}") as session:
+            if session.execute(statement).rowcount != 1:
+                stored_status = session.scalar(select(Judgment.status).where(Judgment.id == record.id))
+                raise JudgmentStateError(record.id, stored_status)
+            session.add_all(_verdict_rows(record))
+            if record.trace is not None:
+                session.add(_trace_row(record))
+        logger.debug("finished judgment %s as %s with %d verdicts", record.id, record.status, len(record.verdicts))
 
     def get(self, judgment_id: str) -> JudgmentRecord | None:
         """Return the judgment with its trace, or None if no judgment has that id.
@@ -174,7 +249,7 @@ class AuditStore:
             .where(Judgment.id == judgment_id)
             .options(selectinload(Judgment.verdicts), selectinload(Judgment.trace))
         )
-        with self._read_session(f"read judgment {judgment_id}") as session:
+        with self._transaction(f"read judgment {judgment_id}") as session:
             row = session.scalars(statement).one_or_none()
             return None if row is None else _to_record(row, with_trace=True)
 
@@ -198,14 +273,19 @@ class AuditStore:
         statement = statement.where(*conditions).order_by(Judgment.id.desc()).limit(limit + 1)
 
         # Fetching one row more than limit shows whether another page follows.
-        with self._read_session("list judgments") as session:
+        with self._transaction("list judgments") as session:
             rows = session.scalars(statement).all()
             items = [_to_record(row, with_trace=False) for row in rows[:limit]]
         next_cursor = _encode_cursor(items[-1].id) if len(rows) > limit else None
         return JudgmentPage(items=items, next_cursor=next_cursor)
 
     @contextmanager
-    def _read_session(self, action: str) -> Iterator[Session]:
+    def _transaction(self, action: str) -> Iterator[Session]:
+        """Open a session in a transaction that commits on exit, and map database errors.
+
+        A SQLAlchemyError, raised in the block or by the commit, is logged and
+        raised as StoreUnavailableError. Other exceptions roll back and pass through.
+        """
         try:
             with Session(self._engine) as session, session.begin():
                 yield session
@@ -224,12 +304,21 @@ _VERDICT_FIELDS = tuple(field.name for field in fields(VerdictRecord))
 def _to_row(record: JudgmentRecord) -> Judgment:
     row = Judgment(**{name: getattr(record, name) for name in _JUDGMENT_FIELDS})
     row.metadata_ = record.metadata
-    row.verdicts = [
-        Verdict(**{name: getattr(verdict, name) for name in _VERDICT_FIELDS}) for verdict in record.verdicts
-    ]
+    row.verdicts = _verdict_rows(record)
     if record.trace is not None:
-        row.trace = Trace(format_version=TRACE_FORMAT_VERSION, data=record.trace)
+        row.trace = _trace_row(record)
     return row
+
+
+def _verdict_rows(record: JudgmentRecord) -> list[Verdict]:
+    return [
+        Verdict(judgment_id=record.id, **{name: getattr(verdict, name) for name in _VERDICT_FIELDS})
+        for verdict in record.verdicts
+    ]
+
+
+def _trace_row(record: JudgmentRecord) -> Trace:
+    return Trace(judgment_id=record.id, format_version=TRACE_FORMAT_VERSION, data=record.trace)
 
 
 def _to_record(row: Judgment, with_trace: bool) -> JudgmentRecord:
@@ -255,6 +344,8 @@ def _conditions(query: JudgmentQuery) -> list[ColumnElement[bool]]:
         conditions.append(Judgment.flagged == query.flagged)
     if query.kind is not None:
         conditions.append(Judgment.kind == query.kind)
+    if query.status is not None:
+        conditions.append(Judgment.status == query.status)
     if query.min_score is not None:
         conditions.append(Verdict.score >= query.min_score)
     if query.max_score is not None:
@@ -281,6 +372,48 @@ def _decode_cursor(cursor: str) -> str:
             f"Invalid cursor {cursor[:100]!r}: this server did not issue it. Restart paging without a cursor."
         )
     return judgment_id
+
+
+def _require_started(record: JudgmentRecord) -> None:
+    """Raise ValueError unless ``record`` is a judgment that start() can insert."""
+    if record.status != STARTED_STATUS:
+        raise ValueError(
+            f"start() takes a record with status {STARTED_STATUS!r}, got {record.status!r} for judgment "
+            f"{record.id}. Save a one-shot judgment with save()."
+        )
+    if record.verdicts or record.trace is not None:
+        raise ValueError(
+            f"start() takes a record without verdicts and trace, got {len(record.verdicts)} verdicts and "
+            f"{'a' if record.trace is not None else 'no'} trace for judgment {record.id}. Pass them to finish()."
+        )
+    for name in ("completed_at", "finish_reason", "latency_ms"):
+        value = getattr(record, name)
+        if value is not None:
+            raise ValueError(
+                f"start() takes a record with {name}=None, got {value!r} for judgment {record.id}. "
+                "Set it in the record passed to finish()."
+            )
+    _require_aware(record.created_at, "created_at")
+
+
+def _require_final(record: JudgmentRecord, method: str) -> None:
+    """Raise ValueError unless ``record`` is a finished judgment that ``method`` can store."""
+    if record.status not in FINAL_STATUSES:
+        raise ValueError(
+            f"{method}() takes a record whose status is one of {_quoted(FINAL_STATUSES)}, got {record.status!r} "
+            f"for judgment {record.id}. Store a streamed judgment with start() before its first token."
+        )
+    if record.completed_at is None:
+        raise ValueError(
+            f"{method}() takes a record with completed_at set, got None for judgment {record.id}. "
+            "Set it to the time the judgment finished."
+        )
+    _require_aware(record.created_at, "created_at")
+    _require_aware(record.completed_at, "completed_at")
+
+
+def _quoted(values: tuple[str, ...]) -> str:
+    return ", ".join(repr(value) for value in values)
 
 
 def _require_aware(value: datetime | None, name: str) -> None:

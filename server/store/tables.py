@@ -70,12 +70,14 @@ class Judgment(Base):
         Index(None, "created_at"),
         Index(None, "flagged", "created_at"),
         Index(None, "kind", "created_at"),
+        Index(None, "status", "created_at"),
     )
 
     # UUIDv7 in canonical text form, so that ids sort by creation time.
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    completed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # completed_at, finish_reason and latency_ms are NULL while status is "started".
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     request_id: Mapped[str] = mapped_column(String(128))
     model_name: Mapped[str] = mapped_column(String(255))
     model_fingerprint: Mapped[str] = mapped_column(String(128))
@@ -85,16 +87,20 @@ class Judgment(Base):
     prompt: Mapped[dict[str, Any]] = mapped_column(JSON)
     output: Mapped[str] = mapped_column(Text)
     parameters: Mapped[dict[str, Any]] = mapped_column(JSON)
-    finish_reason: Mapped[str] = mapped_column(String(32))
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    # "started", then "completed", "cancelled" or "failed".
     status: Mapped[str] = mapped_column(String(32))
     prompt_tokens: Mapped[int] = mapped_column(Integer)
     completion_tokens: Mapped[int] = mapped_column(Integer)
-    latency_ms: Mapped[float] = mapped_column(Float)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
     flagged: Mapped[bool] = mapped_column(Boolean)
     # The column is "metadata", but declarative classes reserve that attribute name.
     metadata_: Mapped[dict[str, str]] = mapped_column("metadata", JSON)
     # "generation", or "score" for a text that the caller supplied.
     kind: Mapped[str] = mapped_column(String(16), server_default="generation")
+    # The constraint policy applied to the request and its outcome. none_as_null
+    # stores None as SQL NULL rather than the JSON text "null".
+    policy: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
 
     verdicts: Mapped[list["Verdict"]] = relationship(
         back_populates="judgment",

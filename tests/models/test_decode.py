@@ -158,3 +158,84 @@ def test_score_appends_end_of_turn(tiny_model):
 def test_score_rejects_overlong_text(tiny_model):
     with pytest.raises(PromptTooLongError, match="the response"):
         tiny_model.score([5] * 60, [6] * 60)
+
+
+def test_constraint_stop_ends_at_first_token_below_minimum(tiny_model):
+    free = run(tiny_model, SamplingParams(max_tokens=12, temperature=0))
+    # A constraint whose lowest score comes after the first token, so that the stop lands mid-generation.
+    name = next(c for c in CONSTRAINTS if min(t.scores[c] for t in free.output_trace) < free.output_trace[0].scores[c])
+    scores = [token.scores[name] for token in free.output_trace]
+    minimum = (scores[0] + min(scores)) / 2
+    first_below = next(index for index, score in enumerate(scores) if score < minimum)
+
+    stopped = run(tiny_model, SamplingParams(max_tokens=12, temperature=0, min_scores={name: minimum}))
+
+    assert stopped.finish_reason == "constraint"
+    assert stopped.output_ids == free.output_ids[:first_below + 1]
+    assert stopped.stopped_by.constraint == name
+    assert stopped.stopped_by.position == free.output_trace[first_below].position
+    assert stopped.stopped_by.score == scores[first_below]
+    assert stopped.stopped_by.min_score == minimum
+
+
+def test_constraint_stop_rejects_unknown_constraint(tiny_model):
+    with pytest.raises(ValueError, match="honesty, which the heads do not score; known: testifiability"):
+        tiny_model.start(tiny_model.encode("Hello"), SamplingParams(max_tokens=2, min_scores={"honesty": 0.5}))
+
+
+def test_top_logprobs_lists_most_likely_first(tiny_model):
+    session = run(tiny_model, SamplingParams(max_tokens=4, temperature=0, top_logprobs=3))
+
+    for trace in session.output_trace:
+        assert len(trace.top_logprobs) == 3
+        logprobs = [logprob for _, _, logprob in trace.top_logprobs]
+        assert logprobs == sorted(logprobs, reverse=True)
+        # Greedy decoding picks the most likely token, so it leads the alternatives.
+        assert trace.top_logprobs[0][0] == trace.token_id
+        assert trace.top_logprobs[0][2] == pytest.approx(trace.logprob)
+    assert run(tiny_model, SamplingParams(max_tokens=2, temperature=0)).output_trace[0].top_logprobs is None
+
+
+def test_take_text_holds_back_possible_stop_sequence(tiny_model):
+    free = run(tiny_model, SamplingParams(max_tokens=12, temperature=0))
+    stop = free.text[3:6]
+    assert len(stop) == 3, "greedy output too short to pick a stop sequence"
+    session = tiny_model.start(tiny_model.encode(messages=QUESTION),
+                               SamplingParams(max_tokens=12, temperature=0, stop=[stop]))
+    session.prefill()
+
+    pieces = []
+    while not session.finished:
+        session.step()
+        pieces.append(session.take_text())
+        # Nothing handed out may be cut later by the stop sequence.
+        assert session.text.startswith("".join(pieces)) or session.finished
+
+    assert "".join(pieces) == session.text == free.text[:free.text.index(stop)]
+
+
+def test_take_text_without_stop_sequences_follows_each_token(tiny_model):
+    session = tiny_model.start(tiny_model.encode(messages=QUESTION), SamplingParams(max_tokens=8, temperature=0))
+    session.prefill()
+    pieces = []
+    while not session.finished:
+        trace = session.step()
+        pieces.append(session.take_text())
+        if trace.token_id not in tiny_model.base.tokenizer.all_special_ids:
+            assert pieces[-1] == trace.text
+    assert "".join(pieces) == session.text
+
+
+def test_cancel_keeps_tokens_so_far(tiny_model):
+    session = tiny_model.start(tiny_model.encode(messages=QUESTION), SamplingParams(max_tokens=10, temperature=0))
+    session.prefill()
+    session.step()
+    session.step()
+
+    session.cancel()
+
+    assert session.finished
+    assert session.finish_reason == "cancelled"
+    assert len(session.output_trace) == 2
+    session.cancel()
+    assert session.finish_reason == "cancelled"

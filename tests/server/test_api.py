@@ -12,24 +12,22 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
-from models.decode import ConstraintModel
-from server.app import create_app
-from server.settings import Settings
 from server.store import new_judgment_id
 from server.worker import GenerationWorker
 from tests.conftest import CONSTRAINTS, TINY_CONTEXT
+from tests.server.helpers import (
+    ERROR_FIELDS,
+    MAX_TOKENS_LIMIT,
+    PROMPT,
+    assert_error,
+    assert_trace_consistent,
+    make_app,
+)
 
-# max_tokens_limit of the test apps. It is small so that a short prompt plus max_tokens fits TINY_CONTEXT.
-MAX_TOKENS_LIMIT = 32
-PROMPT = "The capital of France is"
 # Seeds 0-4 with 20 tokens of PROMPT give both flagged and unflagged judgments with the tiny model.
 LISTING_SEEDS = range(5)
 LISTING_MAX_TOKENS = 20
-ERROR_FIELDS = {"message", "type", "param", "code"}
 
-
-def make_app(data_dir, model: ConstraintModel) -> FastAPI:
-    return create_app(Settings(data_dir=data_dir, max_tokens_limit=MAX_TOKENS_LIMIT), model)
 
 
 @pytest.fixture
@@ -86,55 +84,6 @@ def list_ids(client: TestClient, **params) -> list[str]:
     response = client.get("/v1/judgments", params=params)
     assert response.status_code == 200, response.text
     return [item["id"] for item in response.json()["data"]]
-
-
-def assert_error(response, status_code: int, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, fragments: tuple[str, ...] = ()) -> dict:
-    """Check the status and the one error body shape, then return the error object."""
-    assert response.status_code == status_code, response.text
-    body = response.json()
-    assert set(body) == {"error"}
-    error = body["error"]
-    assert set(error) == ERROR_FIELDS
-    assert isinstance(error["message"], str)
-    assert error["type"] == type
-    assert error["param"] == param
-    assert error["code"] == code
-    for fragment in fragments:
-        assert fragment in error["message"], f"{fragment!r} missing from {error['message']!r}"
-    return error
-
-
-def assert_trace_consistent(body: dict) -> None:
-    """Check the trace against the usage and the judgment of one generation response."""
-    trace, usage, judgment = body["trace"], body["usage"], body["judgment"]
-    assert trace["constraints"] == CONSTRAINTS
-    assert len(trace["prompt_tokens"]) == usage["prompt_tokens"]
-    assert len(trace["output_tokens"]) == usage["completion_tokens"]
-
-    tokens = trace["prompt_tokens"] + trace["output_tokens"]
-    assert [token["position"] for token in tokens] == list(range(len(tokens)))
-    for token in trace["prompt_tokens"]:
-        assert token["logprob"] is None
-    for token in trace["output_tokens"]:
-        assert token["logprob"] <= 0
-    for token in tokens:
-        assert set(token["scores"]) == set(CONSTRAINTS)
-        assert all(0 <= score <= 1 for score in token["scores"].values())
-        assert set(token["attention"]) == set(CONSTRAINTS)
-        for pairs in token["attention"].values():
-            assert 1 <= len(pairs) <= 3  # top_k_attention of the tiny model
-            assert all(position <= token["position"] for position, _ in pairs)
-
-    last = trace["output_tokens"][-1]
-    output_positions = {token["position"] for token in trace["output_tokens"]}
-    for name in CONSTRAINTS:
-        verdict = judgment["constraints"][name]
-        assert verdict["score"] == last["scores"][name]
-        assert verdict["min_score"] == min(token["scores"][name] for token in trace["output_tokens"])
-        assert verdict["min_position"] in output_positions
-        assert verdict["passed"] == (verdict["score"] >= verdict["threshold"])
-    assert judgment["flagged"] == any(not verdict["passed"] for verdict in judgment["constraints"].values())
 
 
 # Generation round trip

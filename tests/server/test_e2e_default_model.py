@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from models.base import is_model_dir_complete
-from server.settings import Settings
+from tests.server.helpers import free_port, start_server
 
 pytestmark = pytest.mark.e2e
 
@@ -23,45 +16,9 @@ QUESTION = {"messages": [{"role": "user", "content": "What is the capital of Fra
 CONSTRAINTS = {"testifiability", "decidability", "reciprocity", "causality"}
 
 
-@pytest.fixture(scope="module")
-def default_model_path() -> str:
-    path = Settings().model_path
-    if not is_model_dir_complete(Path(path)):
-        reason = f"default model not fetched to {path}; run `tracehead models fetch` (make test does)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return path
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _start_server(data_dir: Path, port: int) -> subprocess.Popen:
-    env = os.environ | {"TRACEHEAD_DATA_DIR": str(data_dir), "TRACEHEAD_PORT": str(port),
-                        "TRACEHEAD_HOST": "127.0.0.1"}
-    log = (data_dir / f"server-{port}.log").open("a")
-    process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env, stdout=log,
-                               stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited with {process.returncode}:\n{Path(log.name).read_text()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/judgments", timeout=2).status_code == 200:
-                return process
-        except httpx.TransportError:
-            time.sleep(0.5)
-    process.kill()
-    raise AssertionError("server did not become ready within 180 s")
-
-
 def test_capital_question_round_trip(default_model_path, tmp_path):
-    port = _free_port()
-    server = _start_server(tmp_path, port)
+    port = free_port()
+    server = start_server(tmp_path, port)
     try:
         response = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json=QUESTION, timeout=120)
         assert response.status_code == 200, response.text
@@ -94,15 +51,15 @@ def test_capital_question_round_trip(default_model_path, tmp_path):
 
 
 def test_sigkill_after_response_loses_nothing(default_model_path, tmp_path):
-    port = _free_port()
-    server = _start_server(tmp_path, port)
+    port = free_port()
+    server = start_server(tmp_path, port)
     try:
         body = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json=QUESTION, timeout=120).json()
     finally:
         server.send_signal(signal.SIGKILL)
         server.wait()
 
-    restarted = _start_server(tmp_path, port)
+    restarted = start_server(tmp_path, port)
     try:
         stored = httpx.get(f"http://127.0.0.1:{port}/v1/judgments/{body['id']}", timeout=10)
         assert stored.status_code == 200

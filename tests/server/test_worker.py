@@ -9,7 +9,7 @@ import pytest
 
 from models.decode import PromptTooLongError, SamplingParams
 from server.errors import ApiError, QueueFullError
-from server.worker import GenerationResult, GenerationWorker
+from server.worker import GenerationResult, GenerationWorker, PromptEvent, TokenEvent, TokenStream
 from tests.conftest import CONSTRAINTS, TINY_CONTEXT
 
 
@@ -164,3 +164,74 @@ def test_worker_survives_model_error(worker, input_ids):
 
     assert worker._thread.is_alive()
     assert result.seed == 1
+
+
+# Streams
+
+async def collect(stream: TokenStream) -> tuple[list, GenerationResult]:
+    events = [event async for event in stream]
+    return events, await stream.result()
+
+
+def test_stream_sends_prompt_then_each_token(worker, input_ids):
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=5)
+
+    async def run() -> tuple[list, GenerationResult, GenerationResult]:
+        events, result = await collect(worker.stream("req-s", input_ids, params))
+        return events, result, await worker.generate("req-g", input_ids, params)
+
+    events, result, unstreamed = asyncio.run(run())
+
+    assert isinstance(events[0], PromptEvent)
+    assert events[0].prompt_trace == result.prompt_trace
+    tokens = events[1:]
+    assert all(isinstance(event, TokenEvent) for event in tokens)
+    assert [event.trace for event in tokens] == result.output_trace
+    assert "".join(event.text for event in tokens) == result.text
+    # Streaming changes nothing about what is generated.
+    assert result.output_trace == unstreamed.output_trace
+    assert result.text == unstreamed.text
+
+
+def test_cancelled_stream_stops_within_a_step(slow_model, input_ids):
+    worker = GenerationWorker(slow_model, max_queue=2, retry_after_s=1)
+    worker.start()
+    params = SamplingParams(max_tokens=30, temperature=0)
+
+    async def cancel_after_two_tokens() -> GenerationResult:
+        stream = worker.stream("req-c", input_ids, params)
+        tokens = 0
+        async for event in stream:
+            tokens += isinstance(event, TokenEvent)
+            if tokens == 2:
+                stream.cancel()
+        return await stream.result()
+
+    try:
+        result = asyncio.run(cancel_after_two_tokens())
+    finally:
+        worker.stop(timeout_s=10)
+
+    assert result.finish_reason == "cancelled"
+    # The step under way when cancel() came may finish; no later one starts.
+    assert 2 <= len(result.output_trace) <= 3
+    assert result.prompt_trace
+
+
+def test_stream_cancelled_while_queued_runs_nothing(tiny_model, input_ids):
+    worker = GenerationWorker(tiny_model, max_queue=2, retry_after_s=1)
+
+    async def cancel_before_start() -> tuple[list, GenerationResult]:
+        stream = worker.stream("req-q", input_ids, SamplingParams(max_tokens=4, seed=0))
+        stream.cancel()
+        worker.start()
+        return await collect(stream)
+
+    try:
+        events, result = asyncio.run(cancel_before_start())
+    finally:
+        worker.stop(timeout_s=10)
+
+    assert events == []
+    assert result.finish_reason == "cancelled"
+    assert result.prompt_trace == [] and result.output_trace == []

@@ -1,17 +1,51 @@
+import os
+from collections.abc import Iterator
+
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Connection, Engine, inspect, text
 
 from server.store import create_engine_for, database_revision, head_revision, upgrade_database
-from server.store.db import _alembic_config
+from server.store.db import _alembic_config, run_migrations
 from server.store.tables import Base
 
 STORE_TABLES = {"judgments", "verdicts", "traces"}
+# An empty PostgreSQL database, such as postgresql+psycopg://postgres@127.0.0.1:5432/test.
+# The tests drop the store tables in it before and after each test. The URL's
+# driver (psycopg here) is not a project dependency, so install it first.
+POSTGRES_URL_VARIABLE = "TRACEHEAD_TEST_POSTGRES_URL"
+COMPLETION_COLUMNS = ("completed_at", "finish_reason", "latency_ms")
 
 
 def make_engine(tmp_path) -> Engine:
     return create_engine_for(f"sqlite:///{tmp_path / 'store.db'}")
+
+
+def drop_store_tables(engine: Engine) -> None:
+    with engine.begin() as connection:
+        for table in ("traces", "verdicts", "judgments", "alembic_version"):
+            connection.execute(text(f"DROP TABLE IF EXISTS {table}"))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request, tmp_path) -> Iterator[Engine]:
+    """An engine on an empty database of each backend."""
+    if request.param == "sqlite":
+        engine = make_engine(tmp_path)
+        yield engine
+        engine.dispose()
+        return
+
+    url = os.environ.get(POSTGRES_URL_VARIABLE)
+    if not url:
+        pytest.skip(f"set {POSTGRES_URL_VARIABLE} to an empty PostgreSQL database to run the PostgreSQL case")
+    engine = create_engine_for(url)
+    drop_store_tables(engine)
+    yield engine
+    drop_store_tables(engine)
+    engine.dispose()
 
 
 def table_names(engine: Engine) -> set[str]:
@@ -19,10 +53,7 @@ def table_names(engine: Engine) -> set[str]:
 
 
 def migrate(engine: Engine, direction, revision: str) -> None:
-    config = _alembic_config()
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        direction(config, revision)
+    run_migrations(engine, direction, revision)
 
 
 def downgrade_to_base(engine: Engine) -> None:
@@ -30,7 +61,7 @@ def downgrade_to_base(engine: Engine) -> None:
 
 
 def test_head_revision_is_latest():
-    assert head_revision() == "0002"
+    assert head_revision() == "0003"
 
 
 def test_new_database_has_no_revision(tmp_path):
@@ -40,26 +71,21 @@ def test_new_database_has_no_revision(tmp_path):
     assert table_names(engine) == set()
 
 
-def test_upgrade_creates_tables(tmp_path):
-    engine = make_engine(tmp_path)
-
+def test_upgrade_creates_tables(engine):
     upgrade_database(engine)
 
     assert table_names(engine) == STORE_TABLES | {"alembic_version"}
     assert database_revision(engine) == head_revision()
 
 
-def test_upgrade_twice_is_noop(tmp_path):
-    engine = make_engine(tmp_path)
-
+def test_upgrade_twice_is_noop(engine):
     upgrade_database(engine)
     upgrade_database(engine)
 
     assert database_revision(engine) == head_revision()
 
 
-def test_upgrade_creates_named_indexes(tmp_path):
-    engine = make_engine(tmp_path)
+def test_upgrade_creates_named_indexes(engine):
     upgrade_database(engine)
     inspector = inspect(engine)
 
@@ -69,6 +95,7 @@ def test_upgrade_creates_named_indexes(tmp_path):
         "ix_judgments_created_at": ["created_at"],
         "ix_judgments_flagged_created_at": ["flagged", "created_at"],
         "ix_judgments_kind_created_at": ["kind", "created_at"],
+        "ix_judgments_status_created_at": ["status", "created_at"],
     }
     assert verdict_indexes == {
         "ix_verdicts_constraint_score": ["constraint", "score"],
@@ -77,8 +104,7 @@ def test_upgrade_creates_named_indexes(tmp_path):
     assert inspector.get_pk_constraint("verdicts")["constrained_columns"] == ["judgment_id", "constraint"]
 
 
-def test_foreign_keys_declare_cascade(tmp_path):
-    engine = make_engine(tmp_path)
+def test_foreign_keys_declare_cascade(engine):
     upgrade_database(engine)
     inspector = inspect(engine)
 
@@ -89,8 +115,7 @@ def test_foreign_keys_declare_cascade(tmp_path):
         assert foreign_key["options"]["ondelete"] == "CASCADE"
 
 
-def test_migration_matches_table_metadata(tmp_path):
-    engine = make_engine(tmp_path)
+def test_migration_matches_table_metadata(engine):
     upgrade_database(engine)
 
     with engine.connect() as connection:
@@ -99,8 +124,7 @@ def test_migration_matches_table_metadata(tmp_path):
     assert differences == []
 
 
-def test_downgrade_then_upgrade_again(tmp_path):
-    engine = make_engine(tmp_path)
+def test_downgrade_then_upgrade_again(engine):
     upgrade_database(engine)
 
     downgrade_to_base(engine)
@@ -123,25 +147,110 @@ def test_env_connects_from_url(tmp_path):
 
     engine = create_engine_for(f"sqlite:///{database}")
     assert table_names(engine) == STORE_TABLES | {"alembic_version"}
-    assert database_revision(engine) == "0002"
+    assert database_revision(engine) == head_revision()
 
 
-def test_kind_migration_keeps_old_rows(tmp_path):
-    engine = make_engine(tmp_path)
+def insert_judgment(connection: Connection, judgment_id: str, **columns: object) -> None:
+    """Insert a judgment as revision 0001 defines it, with one verdict and a trace."""
+    values = {
+        "id": judgment_id, "created_at": "2026-01-01 00:00:00", "completed_at": "2026-01-01 00:00:01",
+        "request_id": "r", "model_name": "m", "model_fingerprint": "f", "heads_name": "h", "heads_fingerprint": "g",
+        "prompt": "{}", "output": "text", "parameters": "{}", "finish_reason": "stop", "status": "completed",
+        "prompt_tokens": 1, "completion_tokens": 1, "latency_ms": 1.0, "flagged": False, "metadata": "{}",
+    } | columns
+    names = ", ".join(values)
+    placeholders = ", ".join(f":{name}" for name in values)
+    connection.execute(text(f"INSERT INTO judgments ({names}) VALUES ({placeholders})"), values)
+    connection.execute(
+        text("INSERT INTO verdicts VALUES (:id, 'causality', 0.5, 0.1, 3, 0.5, TRUE)"), {"id": judgment_id}
+    )
+    connection.execute(text("INSERT INTO traces VALUES (:id, 1, '{}')"), {"id": judgment_id})
+
+
+def select_one(engine: Engine, sql: str) -> object:
+    with engine.connect() as connection:
+        return connection.execute(text(sql)).scalar_one()
+
+
+def column_names(engine: Engine, table: str) -> set[str]:
+    return {column["name"] for column in inspect(engine).get_columns(table)}
+
+
+def nullable_columns(engine: Engine) -> set[str]:
+    return {column["name"] for column in inspect(engine).get_columns("judgments") if column["nullable"]}
+
+
+def child_row_counts(engine: Engine) -> tuple[object, object]:
+    return select_one(engine, "SELECT COUNT(*) FROM verdicts"), select_one(engine, "SELECT COUNT(*) FROM traces")
+
+
+def test_kind_migration_keeps_old_rows(engine):
     migrate(engine, command.upgrade, "0001")
     with engine.begin() as connection:
-        connection.exec_driver_sql(
-            "INSERT INTO judgments (id, created_at, completed_at, request_id, model_name, model_fingerprint, "
-            "heads_name, heads_fingerprint, prompt, output, parameters, finish_reason, status, prompt_tokens, "
-            "completion_tokens, latency_ms, flagged, metadata) VALUES ('old', '2026-01-01 00:00:00', "
-            "'2026-01-01 00:00:01', 'r', 'm', 'f', 'h', 'g', '{}', 'text', '{}', 'stop', 'completed', 1, 1, 1.0, 0, '{}')")
+        insert_judgment(connection, "old")
 
     upgrade_database(engine)
-    with engine.connect() as connection:
-        assert connection.exec_driver_sql("SELECT kind FROM judgments WHERE id = 'old'").scalar_one() == "generation"
+
+    assert select_one(engine, "SELECT kind FROM judgments WHERE id = 'old'") == "generation"
 
     migrate(engine, command.downgrade, "0001")
-    columns = {column["name"] for column in inspect(engine).get_columns("judgments")}
-    assert "kind" not in columns
+
+    assert "kind" not in column_names(engine, "judgments")
+    assert select_one(engine, "SELECT output FROM judgments WHERE id = 'old'") == "text"
+    # The downgrade copies judgments on SQLite; the copy must not cascade to the children.
+    assert child_row_counts(engine) == (1, 1)
+
+
+def test_streamed_migration_relaxes_columns(engine):
+    migrate(engine, command.upgrade, "0002")
+    assert nullable_columns(engine) == set()
+
+    migrate(engine, command.upgrade, "0003")
+
+    assert nullable_columns(engine) == set(COMPLETION_COLUMNS) | {"policy"}
+
+    migrate(engine, command.downgrade, "0002")
+
+    assert nullable_columns(engine) == set()
+    assert "policy" not in column_names(engine, "judgments")
+    index_names = {index["name"] for index in inspect(engine).get_indexes("judgments")}
+    assert "ix_judgments_status_created_at" not in index_names
+
+
+def test_streamed_migration_keeps_children(engine):
+    # On SQLite the upgrade and the downgrade copy judgments to a new table,
+    # and with foreign keys on a bare copy would cascade-delete these rows.
+    migrate(engine, command.upgrade, "0002")
+    with engine.begin() as connection:
+        insert_judgment(connection, "old")
+
+    migrate(engine, command.upgrade, "0003")
+
+    assert select_one(engine, "SELECT output FROM judgments WHERE id = 'old'") == "text"
+    assert select_one(engine, "SELECT policy FROM judgments WHERE id = 'old'") is None
+    assert child_row_counts(engine) == (1, 1)
+
+    migrate(engine, command.downgrade, "0002")
+
+    assert select_one(engine, "SELECT finish_reason FROM judgments WHERE id = 'old'") == "stop"
+    assert child_row_counts(engine) == (1, 1)
+
+
+def test_downgrade_fills_started_judgment(engine):
+    upgrade_database(engine)
+    with engine.begin() as connection:
+        insert_judgment(
+            connection, "started", status="started", completed_at=None, finish_reason=None, latency_ms=None
+        )
+
+    migrate(engine, command.downgrade, "0002")
+
     with engine.connect() as connection:
-        assert connection.exec_driver_sql("SELECT output FROM judgments WHERE id = 'old'").scalar_one() == "text"
+        row = connection.execute(
+            text("SELECT created_at, completed_at, finish_reason, latency_ms, status FROM judgments")
+        ).one()
+    assert row.completed_at == row.created_at
+    assert row.finish_reason == ""
+    assert row.latency_ms == 0
+    assert row.status == "started"
+    assert child_row_counts(engine) == (1, 1)

@@ -1,9 +1,11 @@
 import dataclasses
 import logging
 import pickle
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ from server.store import (
     InvalidCursorError,
     JudgmentQuery,
     JudgmentRecord,
+    JudgmentStateError,
     StoreUnavailableError,
     VerdictRecord,
     create_engine_for,
@@ -82,6 +85,22 @@ def make_record(
         metadata={"tenant": "acme"},
         verdicts=verdicts,
         trace={"tokens": [{"id": 504, "text": "The", "logprob": -0.1, "scores": {"decidability": 0.9}}]},
+    )
+
+
+def make_started(record: JudgmentRecord) -> JudgmentRecord:
+    """Return ``record`` as start() takes it: no output, verdicts, trace or completion fields yet."""
+    return dataclasses.replace(
+        record,
+        status="started",
+        completed_at=None,
+        finish_reason=None,
+        latency_ms=None,
+        output="",
+        completion_tokens=0,
+        flagged=False,
+        verdicts=[],
+        trace=None,
     )
 
 
@@ -431,3 +450,231 @@ def test_ids_are_unique():
     ids = {new_judgment_id() for _ in range(10_000)}
 
     assert len(ids) == 10_000
+
+
+POLICY = {"name": "strict", "action": "flag", "constraints": {"causality": {"threshold": 0.7}}, "triggered": False}
+
+
+@pytest.mark.parametrize("status", ["completed", "cancelled", "failed"])
+def test_start_then_finish(store, engine, status):
+    final = dataclasses.replace(make_record(), status=status, policy=POLICY)
+    store.start(make_started(final))
+
+    store.finish(final)
+
+    assert store.get(final.id) == final
+    assert count_rows(engine, Judgment) == 1
+    assert count_rows(engine, Verdict) == len(final.verdicts)
+    assert count_rows(engine, Trace) == 1
+
+
+def test_finish_without_trace(store, engine):
+    final = dataclasses.replace(make_record(), status="cancelled", trace=None)
+    store.start(make_started(final))
+
+    store.finish(final)
+
+    assert store.get(final.id) == final
+    assert count_rows(engine, Trace) == 0
+
+
+def test_started_judgment_read_back(store):
+    started = dataclasses.replace(make_started(make_record()), policy=POLICY)
+    store.start(started)
+
+    loaded = store.get(started.id)
+
+    assert loaded == started
+    assert loaded.status == "started"
+    assert loaded.completed_at is None
+    assert loaded.finish_reason is None
+    assert loaded.latency_ms is None
+    assert loaded.verdicts == []
+    assert loaded.trace is None
+
+
+def test_list_filters_status(store):
+    completed = make_record()
+    store.save(completed)
+    started = make_started(make_record())
+    store.start(started)
+
+    assert listed_ids(store, JudgmentQuery(status="started")) == [started.id]
+    assert listed_ids(store, JudgmentQuery(status="completed")) == [completed.id]
+    assert listed_ids(store, JudgmentQuery(status="failed")) == []
+    assert listed_ids(store, JudgmentQuery()) == [started.id, completed.id]
+    [item] = store.list(JudgmentQuery(status="started"), limit=10, cursor=None).items
+    assert item == started
+
+
+def test_finish_twice_rejected(store, engine):
+    final = make_record()
+    store.start(make_started(final))
+    store.finish(final)
+    again = dataclasses.replace(final, status="failed", output="a different output", verdicts=[])
+
+    expected = f"Cannot finish judgment {final.id}: its status is 'completed', not 'started'"
+    with pytest.raises(JudgmentStateError, match=expected) as raised:
+        store.finish(again)
+
+    assert raised.value.judgment_id == final.id
+    assert raised.value.status == "completed"
+    assert store.get(final.id) == final
+    assert count_rows(engine, Verdict) == len(final.verdicts)
+
+
+def test_finish_without_start_rejected(store, engine):
+    final = make_record()
+
+    expected = f"Cannot finish judgment {final.id}: no judgment has that id. Store it with start"
+    with pytest.raises(JudgmentStateError, match=expected) as raised:
+        store.finish(final)
+
+    assert raised.value.status is None
+    assert count_rows(engine, Judgment) == 0
+    assert count_rows(engine, Verdict) == 0
+    assert count_rows(engine, Trace) == 0
+
+
+def test_finish_saved_judgment_rejected(store):
+    record = make_record()
+    store.save(record)
+
+    with pytest.raises(JudgmentStateError, match="its status is 'completed', not 'started'"):
+        store.finish(dataclasses.replace(record, verdicts=[], trace=None))
+
+    assert store.get(record.id) == record
+
+
+def test_failed_finish_leaves_started(store, engine, caplog):
+    final = make_record()
+    started = make_started(final)
+    store.start(started)
+    broken = dataclasses.replace(final, verdicts=[*final.verdicts, dataclasses.replace(final.verdicts[0])])
+
+    with caplog.at_level(logging.ERROR, logger="server.store.repository"):
+        with pytest.raises(StoreUnavailableError, match=f"could not finish judgment {final.id}: IntegrityError"):
+            store.finish(broken)
+
+    assert final.id in caplog.text
+    assert store.get(final.id) == started
+    assert count_rows(engine, Verdict) == 0
+    assert count_rows(engine, Trace) == 0
+
+    store.finish(final)
+
+    assert store.get(final.id) == final
+
+
+def test_concurrent_finish_updates_once(store, engine):
+    final = make_record()
+    store.start(make_started(final))
+    barrier = threading.Barrier(2)
+    outcomes: list[str] = []
+
+    def finish(status: str) -> None:
+        barrier.wait()
+        try:
+            store.finish(dataclasses.replace(final, status=status))
+            outcomes.append(status)
+        except JudgmentStateError:
+            outcomes.append("rejected")
+
+    threads = [threading.Thread(target=finish, args=(status,)) for status in ("completed", "cancelled")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert sorted(outcomes) in (["cancelled", "rejected"], ["completed", "rejected"])
+    [finished_as] = [outcome for outcome in outcomes if outcome != "rejected"]
+    assert store.get(final.id).status == finished_as
+    assert count_rows(engine, Verdict) == len(final.verdicts)
+
+
+def test_start_unreachable_database(tmp_path):
+    engine = create_engine(f"sqlite:///{tmp_path / 'missing' / 'store.db'}")
+    store = AuditStore(engine)
+    final = make_record()
+
+    with pytest.raises(StoreUnavailableError, match=f"could not start judgment {final.id}"):
+        store.start(make_started(final))
+    with pytest.raises(StoreUnavailableError, match=f"could not finish judgment {final.id}"):
+        store.finish(final)
+
+
+def test_start_duplicate_id_raises_unavailable(store):
+    started = make_started(make_record())
+    store.start(started)
+
+    with pytest.raises(StoreUnavailableError, match=f"could not start judgment {started.id}: IntegrityError"):
+        store.start(dataclasses.replace(started, output="other"))
+
+    assert store.get(started.id) == started
+
+
+def test_policy_round_trips(store, engine):
+    without_policy = make_record()
+    with_policy = dataclasses.replace(make_record(), policy=POLICY)
+    save_all(store, [without_policy, with_policy])
+
+    assert store.get(with_policy.id).policy == POLICY
+    assert store.get(without_policy.id).policy is None
+    [listed, _] = store.list(JudgmentQuery(), limit=10, cursor=None).items
+    assert listed.policy == POLICY
+    # None is stored as SQL NULL, not as the JSON text "null".
+    with engine.connect() as connection:
+        null_ids = connection.scalars(select(Judgment.id).where(Judgment.policy.is_(None))).all()
+    assert null_ids == [without_policy.id]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"status": "completed"}, "start() takes a record with status 'started', got 'completed'"),
+        ({"verdicts": make_record().verdicts}, "start() takes a record without verdicts and trace, got 2 verdicts"),
+        ({"trace": {"tokens": []}}, "got 0 verdicts and a trace"),
+        ({"completed_at": BASE_TIME}, "start() takes a record with completed_at=None"),
+        ({"finish_reason": "stop"}, "start() takes a record with finish_reason=None, got 'stop'"),
+        ({"latency_ms": 12.5}, "start() takes a record with latency_ms=None, got 12.5"),
+        ({"created_at": datetime(2026, 5, 1, 12, 0)}, "created_at=2026-05-01T12:00:00 is a naive datetime"),
+    ],
+)
+def test_start_rejects_invalid_record(store, engine, changes, message):
+    record = dataclasses.replace(make_started(make_record()), **changes)
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        store.start(record)
+
+    assert count_rows(engine, Judgment) == 0
+
+
+@pytest.mark.parametrize("method", ["save", "finish"])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"status": "started"},
+            "{method}() takes a record whose status is one of 'completed', 'cancelled', 'failed', got 'started'",
+        ),
+        ({"status": "done"}, "{method}() takes a record whose status is one of"),
+        ({"completed_at": None}, "{method}() takes a record with completed_at set, got None"),
+        ({"completed_at": datetime(2026, 5, 1, 12, 0)}, "completed_at=2026-05-01T12:00:00 is a naive datetime"),
+    ],
+)
+def test_final_write_rejects_invalid_record(store, engine, method, changes, message):
+    final = make_record()
+    started = make_started(final)
+    store.start(started)
+    record = dataclasses.replace(final, id=new_judgment_id() if method == "save" else final.id, **changes)
+
+    with pytest.raises(ValueError, match=re.escape(message.format(method=method))):
+        getattr(store, method)(record)
+
+    assert count_rows(engine, Judgment) == 1
+    assert store.get(final.id) == started
+
+
+def test_query_rejects_unknown_status():
+    with pytest.raises(ValueError, match="status='done' is not a judgment status. Use one of 'started', 'completed'"):
+        JudgmentQuery(status="done")
