@@ -113,6 +113,13 @@ def test_final_commit_failure_ends_stream_with_error_and_leaves_record_started(c
     assert len(listed) == 1
     assert listed[0]["finish_reason"] is None
     assert listed[0]["text"] == ""
+    record = client.get(f"/v1/judgments/{listed[0]['id']}").json()
+    assert record["status"] == "started"
+    assert record["completed_at"] is None
+    assert record["input"] == {"messages": [{"role": "user", "content": "Hi"}]}
+    assert record["parameters"]["max_tokens"] == 4
+    assert "trace" not in record
+    assert client.get("/v1/judgments", params={"status": "completed"}).json()["data"] == []
 
 
 # Disconnects, through a real HTTP server
