@@ -204,14 +204,18 @@ def system_fingerprint(record: JudgmentRecord) -> str:
     return f"fp_{digest[:16]}"
 
 
+def _identity_extension(record: JudgmentRecord) -> dict:
+    """Build the part of the extension that names the judgment and what produced it."""
+    ids = identity(record)
+    return {"judgment_id": record.id, "model": {"name": ids["model"], "fingerprint": ids["model_fingerprint"]},
+            "heads": {"name": ids["heads"], "fingerprint": ids["heads_fingerprint"]}, "seed": ids["seed"]}
+
+
 def tracehead_extension(record: JudgmentRecord, include_trace: bool) -> dict:
     """Build the extension object of a complete response: judgment id and summary, identity, trace."""
-    ids = identity(record)
-    extension = {"judgment_id": record.id,
-                 "model": {"name": ids["model"], "fingerprint": ids["model_fingerprint"]},
-                 "heads": {"name": ids["heads"], "fingerprint": ids["heads_fingerprint"]},
-                 "seed": ids["seed"], "status": record.status,
-                 "judgment": judgment_summary(record, record.trace["constraints"] if record.trace else None)}
+    extension = _identity_extension(record) | {
+        "status": record.status,
+        "judgment": judgment_summary(record, record.trace["constraints"] if record.trace else None)}
     if include_trace and record.trace is not None:
         extension["trace"] = response_trace(record)
     return extension
@@ -278,10 +282,7 @@ class ChunkRenderer:
         self.started = started
 
     def prompt(self, prompt_tokens: list[dict]) -> dict:
-        ids = identity(self.started)
-        extension = {"judgment_id": self.started.id,
-                     "model": {"name": ids["model"], "fingerprint": ids["model_fingerprint"]},
-                     "heads": {"name": ids["heads"], "fingerprint": ids["heads_fingerprint"]}, "seed": ids["seed"]}
+        extension = _identity_extension(self.started)
         if self.request.include_trace:
             extension["prompt_tokens"] = prompt_tokens
         echo = "" if self.chat or not self.request.echo else self.request.prompt_text
