@@ -729,3 +729,37 @@ def test_validation_error_shows_received_value(client):
 
     assert_error(response, 422, param="temperature", code="invalid_value",
                  fragments=("greater than or equal to 0", "(received -1)"))
+
+
+# Constraint policies on the native route
+
+def test_withhold_policy_hides_text_on_native_route(client):
+    body = generate(client, policy={"decidability": {"min_score": 1.0, "action": "withhold"}})
+
+    assert body["text"] is None
+    assert body["finish_reason"] == "constraint"
+    assert body["judgment"]["policy"]["withheld"] is True
+    assert all(token["text"] is None for token in body["trace"]["output_tokens"])
+    stored = client.get(f"/v1/judgments/{body['id']}").json()
+    assert isinstance(stored["text"], str)
+    assert stored["trace"]["output_tokens"][0]["text"] is not None
+
+
+def test_native_response_names_its_producers(client, tiny_model):
+    body = generate(client, seed=21, include_trace=False)
+
+    assert body["seed"] == 21
+    assert body["model_fingerprint"] == tiny_model.base.fingerprint
+    assert body["heads_fingerprint"] == tiny_model.heads.fingerprint()
+    assert "trace" not in body
+
+
+@pytest.mark.parametrize(("policy", "param", "fragment"), [
+    ({"honesty": {"min_score": 0.5, "action": "flag"}}, "policy", "'honesty', which the loaded heads do not score"),
+    ({"causality": {"min_score": 0.5}}, "policy.causality.action", "Field required"),
+    ({"causality": {"min_score": -0.1, "action": "stop"}}, "policy.causality.min_score", "greater than or equal to 0"),
+])
+def test_invalid_policy_is_422(client, policy, param, fragment):
+    response = client.post("/v1/generate", json={"prompt": PROMPT, "max_tokens": 2, "policy": policy})
+
+    assert_error(response, 422, param=param, code="invalid_value", fragments=(fragment,))
