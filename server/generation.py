@@ -96,7 +96,9 @@ async def prepare_generation(runtime: Runtime, request: Request, sampling: Gener
         if len(input_ids) < context_length:
             max_tokens = min(max_tokens, context_length - len(input_ids))
     if len(input_ids) + max_tokens > context_length:
-        raise PromptTooLongError(len(input_ids), max_tokens, context_length)
+        error = PromptTooLongError(len(input_ids), max_tokens, context_length)
+        error.param = "prompt" if sampling.prompt is not None else "messages"
+        raise error
 
     # A drawn seed is fixed here, so that even the started record of a stream can replay the request.
     seed = sampling.seed if sampling.seed is not None else secrets.randbelow(MAX_SEED)

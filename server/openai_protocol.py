@@ -134,7 +134,7 @@ class ChatCompletionRequest(OpenAIRequest):
     @field_validator("tools")
     @classmethod
     def _no_tools(cls, value: list[dict] | None) -> list[dict] | None:
-        _require(not value, f"this server calls no tools, but {len(value or [])} were sent; leave tools out")
+        _require(not value, f"this server calls no tools, but the request lists {len(value or [])}; leave tools out")
         return value
 
     def check_combinations(self) -> None:

@@ -9,8 +9,14 @@ which are for auditors, show it.
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 
 from server.store import JudgmentRecord
+
+
+def timestamp(value: datetime) -> str:
+    """Format a UTC time as ISO 8601 with a Z, as the response models serialize it too."""
+    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def is_withheld(record: JudgmentRecord) -> bool:
@@ -54,7 +60,7 @@ def identity(record: JudgmentRecord) -> dict:
 
 def generation_body(record: JudgmentRecord, include_trace: bool = True) -> dict:
     """Render the response to a generation or score request."""
-    body = {"id": record.id, "object": "judgment", "created_at": record.created_at.isoformat()} | identity(record) | {
+    body = {"id": record.id, "object": "judgment", "created_at": timestamp(record.created_at)} | identity(record) | {
         "kind": record.kind, "text": None if is_withheld(record) else record.output,
         "finish_reason": record.finish_reason, "usage": usage(record),
         "judgment": judgment_summary(record, (record.trace or {}).get("constraints"))}
@@ -67,7 +73,7 @@ def record_body(record: JudgmentRecord) -> dict:
     """Render a stored judgment in full, the text included even when it was withheld from the client."""
     body = generation_body(record, include_trace=record.trace is not None) | {
         "text": record.output, "request_id": record.request_id, "status": record.status,
-        "completed_at": record.completed_at.isoformat() if record.completed_at else None,
+        "completed_at": timestamp(record.completed_at) if record.completed_at else None,
         "input": record.prompt, "parameters": record.parameters, "metadata": record.metadata,
         "latency_ms": record.latency_ms}
     if record.trace is not None:
@@ -76,7 +82,7 @@ def record_body(record: JudgmentRecord) -> dict:
 
 
 def list_item_body(record: JudgmentRecord, constraint_order: list[str]) -> dict:
-    return {"id": record.id, "kind": record.kind, "status": record.status, "created_at": record.created_at.isoformat(),
+    return {"id": record.id, "kind": record.kind, "status": record.status, "created_at": timestamp(record.created_at),
             "model": record.model_name, "heads": record.heads_name, "text": record.output,
             "finish_reason": record.finish_reason, "flagged": record.flagged, "usage": usage(record),
             "judgment": judgment_summary(record, constraint_order), "metadata": record.metadata}

@@ -400,6 +400,13 @@ def test_prompt_over_context_is_400(client):
     assert_error(response, 400, param="prompt", code="context_length_exceeded", fragments=("context holds",))
 
 
+def test_messages_over_context_name_messages(client):
+    messages = [{"role": "user", "content": "word " * 200}]
+    response = client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 4})
+
+    assert_error(response, 400, param="messages", code="context_length_exceeded", fragments=("context holds",))
+
+
 def test_invalid_json_is_400(client):
     response = client.post("/v1/chat/completions", content=b"{", headers={"content-type": "application/json"})
 

@@ -56,6 +56,7 @@ def test_native_stream_events(client):
     assert [token["token"] for token in tokens] == record["trace"]["output_tokens"]
     assert "".join(token["text"] for token in tokens) == record["text"] == final["text"]
     assert final["id"] == prompt["id"]
+    assert final["created_at"] == record["created_at"]
     assert final["status"] == "completed"
     assert final["judgment"] == record["judgment"]
     assert final["seed"] == 2
