@@ -294,7 +294,9 @@ def test_withhold_policy_hides_text_but_stores_it(client):
     assert choice["finish_reason"] == "constraint"
     assert choice["logprobs"] is None
     for token in body["tracehead"]["trace"]["output_tokens"]:
-        assert token["token_id"] is None and token["text"] is None and token["logprob"] is None
+        assert token["token_id"] is None
+        assert token["text"] is None
+        assert token["logprob"] is None
         assert set(token["scores"]) == set(CONSTRAINTS)
     record = stored(client, body["id"])
     assert record["judgment"]["policy"]["withheld"] is True

@@ -47,7 +47,8 @@ def test_native_stream_events(client):
     events = stream_events(client, "/v1/generate", {"prompt": PROMPT, "max_tokens": 8, "seed": 2, "stream": True})
 
     names = [name for name, _ in events]
-    assert names[0] == "prompt" and names[-1] == "judgment"
+    assert names[0] == "prompt"
+    assert names[-1] == "judgment"
     assert set(names[1:-1]) == {"token"}
     prompt, *tokens, final = [json.loads(data) for _, data in events]
     record = client.get(f"/v1/judgments/{prompt['id']}").json()
@@ -193,7 +194,8 @@ def test_disconnect_cancels_record_and_frees_worker(live_server):
     output_tokens = record["trace"]["output_tokens"]
     assert len(output_tokens) == record["usage"]["completion_tokens"]
     assert record["text"] == "".join(token["text"] for token in output_tokens)
-    assert list(record["judgment"]["constraints"]) and record["completed_at"] is not None
+    assert list(record["judgment"]["constraints"])
+    assert record["completed_at"] is not None
     assert following.status_code == 200, following.text
     assert following.json()["usage"]["completion_tokens"] == 2
     assert [item["id"] for item in cancelled] == [judgment_id]

@@ -234,4 +234,5 @@ def test_stream_cancelled_while_queued_runs_nothing(tiny_model, input_ids):
 
     assert events == []
     assert result.finish_reason == "cancelled"
-    assert result.prompt_trace == [] and result.output_trace == []
+    assert result.prompt_trace == []
+    assert result.output_trace == []
