@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from starlette.concurrency import run_in_threadpool
 
 from models.decode import ConstraintModel
 from server.errors import install_error_handlers
-from server.routes import generate, judgments, openai
+from server.routes import audit, generate, judgments, openai
 from server.runtime import build_runtime
 from server.settings import Settings
+from server.store import StoreUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +37,16 @@ def create_app(settings: Settings | None = None, model: ConstraintModel | None =
         app.state.runtime = build_runtime(settings, model)
         logger.info("tracehead ready: model %s, heads %s, store %s", app.state.runtime.model.base.name,
                     app.state.runtime.model.heads.config.name, app.state.runtime.engine.url.render_as_string())
+        signing = asyncio.create_task(_sign_tree_heads(app.state.runtime))
         yield
+        signing.cancel()
         app.state.runtime.close()
 
     app = FastAPI(title="tracehead", version="0.1.0", lifespan=lifespan,
                   description="Generation with per-token constraint traces and an audit store.")
     install_error_handlers(app)
     app.include_router(generate.router)
+    app.include_router(audit.router)
     app.include_router(judgments.router)
     app.include_router(openai.router)
 
@@ -54,3 +60,13 @@ def create_app(settings: Settings | None = None, model: ConstraintModel | None =
         return response
 
     return app
+
+
+async def _sign_tree_heads(runtime) -> None:
+    """Sign a tree head whenever the log has grown, every tree_head_interval_s seconds."""
+    while True:
+        try:
+            await run_in_threadpool(runtime.integrity.tree_head)
+        except StoreUnavailableError:
+            logger.error("Could not sign a tree head; retrying in %.0f s", runtime.settings.tree_head_interval_s)
+        await asyncio.sleep(runtime.settings.tree_head_interval_s)

@@ -1,15 +1,21 @@
-"""The `tracehead` command: serve, fetch the default model, train and evaluate heads, migrate."""
+"""The `tracehead` command: serve, fetch the default model, train and evaluate heads, migrate, audit."""
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from dataclasses import asdict, replace
+from datetime import datetime
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from server.store import AuditStore, JudgmentQuery
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +211,168 @@ def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _aware_datetime(value: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an ISO 8601 time, e.g. 2026-12-04T00:00:00Z") from None
+    if parsed.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{value!r} has no timezone; add one, e.g. {value}Z")
+    return parsed
+
+
+def _metadata_pair(value: str) -> tuple[str, str]:
+    key, separator, expected = value.partition("=")
+    if not separator or not key:
+        raise argparse.ArgumentTypeError(f"{value!r} is not KEY=VALUE, e.g. team=docs")
+    return key, expected
+
+
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 1")
+    return int(value)
+
+
+def _audit_filters() -> argparse.ArgumentParser:
+    """Build the parent parser of the filters that every `audit` command over judgments takes."""
+    from server.store.repository import JUDGMENT_ORDERS, JUDGMENT_STATUSES
+
+    filters = argparse.ArgumentParser(add_help=False)
+    filters.add_argument("--since", type=_aware_datetime, help="created at or after this time (ISO 8601 with zone)")
+    filters.add_argument("--until", type=_aware_datetime, help="created before this time (ISO 8601 with zone)")
+    filters.add_argument("--constraint", help="the constraint whose verdict --min-score, --max-score, --passed and "
+                         "--failed filter")
+    filters.add_argument("--min-score", type=float, help="lowest final score of --constraint, inclusive")
+    filters.add_argument("--max-score", type=float, help="highest final score of --constraint, inclusive")
+    outcome = filters.add_mutually_exclusive_group()
+    outcome.add_argument("--passed", dest="passed", action="store_const", const=True,
+                         help="only judgments whose --constraint verdict passed")
+    outcome.add_argument("--failed", dest="passed", action="store_const", const=False,
+                         help="only judgments whose --constraint verdict failed")
+    filters.add_argument("--flagged", action=argparse.BooleanOptionalAction,
+                         help="only flagged judgments, or with --no-flagged only unflagged ones")
+    filters.add_argument("--kind", choices=("generation", "score"))
+    filters.add_argument("--status", choices=JUDGMENT_STATUSES)
+    filters.add_argument("--model", help="base model name, matched exactly")
+    filters.add_argument("--heads", help="head checkpoint name, matched exactly")
+    filters.add_argument("--metadata", type=_metadata_pair, action="append", metavar="KEY=VALUE",
+                         help="a pair stored with the judgment; repeat it to require several")
+    filters.add_argument("--text", help="case-insensitive substring of the output or of the prompt as JSON text")
+    filters.add_argument("--order", choices=JUDGMENT_ORDERS, default="newest",
+                         help="by creation time (default: newest)")
+    return filters
+
+
+def _audit_query(args: argparse.Namespace, settings: Settings, constraints: list[str]) -> JudgmentQuery:
+    """Build the query of the filter arguments, rejecting what the HTTP API rejects too."""
+    from server.store import JudgmentQuery
+
+    if args.constraint is not None and args.constraint not in constraints:
+        raise ValueError(f"unknown constraint {args.constraint!r}; the heads in {settings.heads_path} score "
+                         f"{', '.join(constraints)}")
+    metadata = dict(args.metadata or [])
+    if len(metadata) < len(args.metadata or []):
+        raise ValueError("a --metadata key is given twice; a judgment stores one value per key, so give each key once")
+    return JudgmentQuery(since=args.since, until=args.until, constraint=args.constraint, min_score=args.min_score,
+                         max_score=args.max_score, passed=args.passed, flagged=args.flagged, kind=args.kind,
+                         status=args.status, model=args.model, heads=args.heads, metadata=metadata, text=args.text,
+                         order=args.order)
+
+
+def _open_audit_store(settings: Settings) -> AuditStore:
+    """Open the existing audit store for reading. Raise unless it is at the newest revision, and never create one."""
+    from sqlalchemy.engine import make_url
+
+    from server.store import AuditStore, create_engine_for, database_revision, head_revision
+
+    url = make_url(settings.resolved_database_url)
+    database = url.database or ""
+    if url.get_backend_name() == "sqlite" and database not in ("", ":memory:") and not database.startswith("file:"):
+        if not Path(database).expanduser().exists():
+            raise FileNotFoundError(f"no audit database at {database}; set TRACEHEAD_DATA_DIR or "
+                                    "TRACEHEAD_DATABASE_URL to the store that the server writes")
+    engine = create_engine_for(settings.resolved_database_url)
+    revision, head = database_revision(engine), head_revision()
+    if revision != head:
+        raise RuntimeError(f"the audit database {engine.url.render_as_string()} is at revision {revision}, and this "
+                           f"tracehead reads revision {head}; run `tracehead db upgrade` first")
+    return AuditStore(engine)
+
+
+def _heads_constraints(settings: Settings) -> list[str]:
+    """Return the constraints of the configured heads, in the order that the server lists verdicts."""
+    from models.heads import read_heads_config
+
+    return read_heads_config(settings.heads_path).constraints
+
+
+def cmd_audit_query(args: argparse.Namespace, settings: Settings) -> int:
+    """Print the matching judgments as list items, one JSON object per line."""
+    from server.export import jsonl_lines
+
+    constraints = _heads_constraints(settings)
+    query = _audit_query(args, settings, constraints)
+    store = _open_audit_store(settings)
+    # Batches of 500 rows at most, as export() reads by default, and never more rows than are printed.
+    records = itertools.islice(store.export(query, batch_size=min(args.limit, 500)), args.limit)
+    sys.stdout.writelines(jsonl_lines(records, constraints, include_trace=False))
+    return 0
+
+
+def cmd_audit_export(args: argparse.Namespace, settings: Settings) -> int:
+    """Stream every matching judgment as JSON Lines or CSV to a file or stdout."""
+    from server.export import export_lines
+
+    if args.include_trace and args.format == "csv":
+        raise ValueError("--include-trace applies to --format jsonl only, because a CSV row has no trace column")
+    constraints = _heads_constraints(settings)
+    query = _audit_query(args, settings, constraints)
+    store = _open_audit_store(settings)
+    lines = export_lines(store.export(query, with_trace=args.include_trace), args.format, constraints,
+                         args.include_trace)
+    if args.output is None:
+        sys.stdout.writelines(lines)
+        return 0
+
+    # newline="" keeps the CSV rows' CRLF line ends as they are.
+    with open(args.output, "w", encoding="utf-8", newline="") as output:
+        line_count = 0
+        for line in lines:
+            output.write(line)
+            line_count += 1
+    judgments = line_count - 1 if args.format == "csv" else line_count
+    print(f"Wrote {judgments} judgments to {args.output}")
+    return 0
+
+
+def _add_audit_commands(commands: argparse._SubParsersAction) -> None:
+    """Add `tracehead audit`: query, export, and the integrity log's verify, erase and retain.
+
+    A new audit command is added to ``actions`` here, directly or by a function
+    that takes ``actions``, with its handler set by set_defaults(handler=...).
+    parents=[filters] gives it the judgment filters.
+    """
+    from server.audit_cli import add_integrity_commands
+    from server.export import EXPORT_FORMATS
+
+    audit = commands.add_parser("audit", help="query, export and verify the audit store")
+    actions = audit.add_subparsers(dest="action", required=True)
+    filters = _audit_filters()
+
+    query = actions.add_parser("query", parents=[filters], help="print matching judgments as JSON lines")
+    query.add_argument("--limit", type=_positive_int, default=20, help="maximum number of judgments to print (default: 20)")
+    query.set_defaults(handler=cmd_audit_query)
+
+    export = actions.add_parser("export", parents=[filters], help="stream every matching judgment as JSONL or CSV")
+    export.add_argument("--format", choices=EXPORT_FORMATS, default="jsonl", help="output format (default: jsonl)")
+    export.add_argument("--output", help="file to write (default: stdout)")
+    export.add_argument("--include-trace", action="store_true", help="jsonl only: add each judgment's stored trace")
+    export.set_defaults(handler=cmd_audit_export)
+
+    add_integrity_commands(actions)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tracehead", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -257,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     db = commands.add_parser("db", help="manage the audit database").add_subparsers(dest="action", required=True)
     upgrade = db.add_parser("upgrade", help="apply every pending migration")
     upgrade.set_defaults(handler=cmd_db_upgrade)
+
+    _add_audit_commands(commands)
     return parser
 
 

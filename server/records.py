@@ -12,6 +12,7 @@ import json
 from datetime import datetime, timezone
 
 from server.store import JudgmentRecord
+from server.store.queries import DailyStat
 
 
 def timestamp(value: datetime) -> str:
@@ -86,6 +87,11 @@ def list_item_body(record: JudgmentRecord, constraint_order: list[str]) -> dict:
             "model": record.model_name, "heads": record.heads_name, "text": record.output,
             "finish_reason": record.finish_reason, "flagged": record.flagged, "usage": usage(record),
             "judgment": judgment_summary(record, constraint_order), "metadata": record.metadata}
+
+
+def daily_stat_body(stat: DailyStat) -> dict:
+    return {"day": stat.day.isoformat(), "constraint": stat.constraint, "judgments": stat.judgments,
+            "passed": stat.passed, "pass_rate": stat.pass_rate}
 
 
 def sse_event(data: dict | str, event: str | None = None) -> str:

@@ -16,6 +16,8 @@ from models.heads import load_checkpoint
 from server.policy import check_policy
 from server.settings import Settings
 from server.store import AuditStore, create_engine_for, upgrade_database
+from server.store.audit_log import IntegrityLog
+from server.store.integrity import load_or_create_key
 from server.worker import GenerationWorker
 
 logger = logging.getLogger(__name__)
@@ -29,6 +31,7 @@ class Runtime:
     worker: GenerationWorker
     engine: Engine
     store: AuditStore
+    integrity: IntegrityLog
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
     def close(self) -> None:
@@ -53,12 +56,13 @@ def load_model(settings: Settings) -> ConstraintModel:
 
 
 def build_runtime(settings: Settings, model: ConstraintModel | None = None) -> Runtime:
-    """Open the store (migrating it), load the model unless given, start the worker."""
+    """Open the store (migrating it and logging older judgments), load the model unless given, start the worker."""
     engine = create_engine_for(settings.resolved_database_url)
     upgrade_database(engine)
     model = model or load_model(settings)
     check_policy(settings.policy, model.constraints, "TRACEHEAD_POLICY")
+    integrity = IntegrityLog(engine, load_or_create_key(settings.resolved_signing_key_file))
+    integrity.append_missing_leaves()
     worker = GenerationWorker(model, settings.max_queue, settings.queue_retry_after_s)
     worker.start()
-    return Runtime(settings, model, model.heads.fingerprint(), worker, engine,
-                   AuditStore(engine))
+    return Runtime(settings, model, model.heads.fingerprint(), worker, engine, AuditStore(engine), integrity)

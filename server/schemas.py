@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
@@ -199,6 +199,12 @@ class GenerateResponse(BaseModel):
     trace: Trace = Field(None, description="Left out when the request set include_trace to false.")
 
 
+class Erasure(BaseModel):
+    erased_at: datetime
+    erased_by: str
+    reason: str
+
+
 class JudgmentRecordResponse(GenerateResponse):
     """A stored judgment with everything the request sent and how it ran."""
 
@@ -212,6 +218,7 @@ class JudgmentRecordResponse(GenerateResponse):
     parameters: dict
     metadata: dict[str, str]
     latency_ms: float | None
+    erasure: Erasure = Field(None, description="Present when the payload was erased: who, when and why.")
 
 
 class JudgmentListItem(BaseModel):
@@ -229,7 +236,24 @@ class JudgmentListItem(BaseModel):
     metadata: dict[str, str]
 
 
+# Field names that the `fields` parameter of GET /v1/judgments accepts.
+LIST_ITEM_FIELDS = tuple(JudgmentListItem.model_fields)
+
+
 class JudgmentList(BaseModel):
     object: Literal["list"] = "list"
     data: list[JudgmentListItem]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
+
+
+class DailyStatItem(BaseModel):
+    day: date = Field(description="UTC calendar day of the judgments' created_at.")
+    constraint: str
+    judgments: int = Field(description="Judgments of that day with a verdict of this constraint.")
+    passed: int = Field(description="How many of those verdicts passed.")
+    pass_rate: float = Field(description="passed / judgments.")
+
+
+class DailyStatList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[DailyStatItem] = Field(description="Oldest day first, then constraints by name.")

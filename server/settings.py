@@ -50,6 +50,14 @@ class Settings(BaseSettings):
     max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
     default_max_tokens: int = Field(128, ge=1, description="max_tokens when a request leaves it out.")
     top_k_attention: int = Field(5, ge=1, le=64, description="Attended positions kept per token and constraint.")
+    signing_key_file: Path | None = Field(None, description=(
+        "PEM Ed25519 private key that signs the integrity log's tree heads; default signing-key.pem in "
+        "data_dir, created on first start."))
+    tree_head_interval_s: float = Field(60.0, gt=0, description="Seconds between signed tree heads while the log grows.")
+    retention_days: int | None = Field(None, ge=1, description=(
+        "`tracehead audit retain` erases the payloads of judgments older than this; unset keeps them."))
+    admin_token: str | None = Field(None, min_length=16, description=(
+        "Bearer token for the /v1/admin routes; unset disables them."))
     policy: Policy = Field(default_factory=dict, description=(
         'Default constraint policy as JSON, e.g. {"reciprocity": {"min_score": 0.3, "action": "flag"}}; '
         "a request's policy replaces the rules of the constraints it names."))
@@ -79,6 +87,10 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'tracehead.db'}"
+
+    @property
+    def resolved_signing_key_file(self) -> Path:
+        return self.signing_key_file or self.data_dir / "signing-key.pem"
 
     @property
     def uses_default_model(self) -> bool:

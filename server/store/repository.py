@@ -7,19 +7,24 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, Engine, select, update
+from sqlalchemy import Engine, Select, select, update
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, selectinload
 
+from server.store import integrity
+from server.store import queries
+from server.store.queries import DailyStat
 from server.store.tables import Judgment, Trace, Verdict
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Layout version of the trace dict, stored with each trace row.
 TRACE_FORMAT_VERSION = 1
@@ -29,6 +34,8 @@ TRACE_FORMAT_VERSION = 1
 STARTED_STATUS = "started"
 FINAL_STATUSES = ("completed", "cancelled", "failed")
 JUDGMENT_STATUSES = (STARTED_STATUS, *FINAL_STATUSES)
+# Orders of a listing or export, by id and so by creation time.
+JUDGMENT_ORDERS = ("newest", "oldest")
 
 
 @dataclass
@@ -86,12 +93,14 @@ class JudgmentRecord:
 
 @dataclass
 class JudgmentQuery:
-    """Filters for listing judgments. A None field does not filter.
+    """Filters and order for listing judgments. A None field, or an empty ``metadata``, does not filter.
 
     ``since`` is inclusive and ``until`` exclusive, both on ``created_at``.
     ``min_score``, ``max_score`` and ``passed`` apply to the verdict of
     ``constraint`` and need it set. The score bounds are inclusive and compare
-    the final score.
+    the final score. ``model`` and ``heads`` match the stored names exactly,
+    every ``metadata`` pair must be stored with the judgment, and ``text`` is a
+    case-insensitive substring of the output or of the prompt's JSON text.
     """
 
     since: datetime | None = None
@@ -103,10 +112,18 @@ class JudgmentQuery:
     flagged: bool | None = None
     kind: str | None = None
     status: str | None = None
+    model: str | None = None
+    heads: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    text: str | None = None
+    # "newest" or "oldest" first.
+    order: str = "newest"
 
     def __post_init__(self) -> None:
         _require_aware(self.since, "since")
         _require_aware(self.until, "until")
+        if self.order not in JUDGMENT_ORDERS:
+            raise ValueError(f"order={self.order!r} is not an order. Use one of {_quoted(JUDGMENT_ORDERS)}.")
         if self.status is not None and self.status not in JUDGMENT_STATUSES:
             raise ValueError(
                 f"status={self.status!r} is not a judgment status. Use one of {_quoted(JUDGMENT_STATUSES)}."
@@ -189,8 +206,12 @@ class AuditStore:
         """
         _require_final(record, "save")
 
-        with self._transaction(f"save judgment {record.id}") as session:
+        def work(session: Session) -> None:
             session.add(_to_row(record))
+            session.flush()
+            integrity.append_leaf(session, record)
+
+        self._run(f"save judgment {record.id}", work)
         logger.debug("saved judgment %s with %d verdicts", record.id, len(record.verdicts))
 
     def start(self, record: JudgmentRecord) -> None:
@@ -203,8 +224,7 @@ class AuditStore:
         """
         _require_started(record)
 
-        with self._transaction(f"start judgment {record.id}") as session:
-            session.add(_to_row(record))
+        self._run(f"start judgment {record.id}", lambda session: session.add(_to_row(record)))
         logger.debug("started judgment %s", record.id)
 
     def finish(self, record: JudgmentRecord) -> None:
@@ -230,13 +250,17 @@ class AuditStore:
             .execution_options(synchronize_session=False)
         )
 
-        with self._transaction(f"finish judgment {record.id}") as session:
+        def work(session: Session) -> None:
             if session.execute(statement).rowcount != 1:
                 stored_status = session.scalar(select(Judgment.status).where(Judgment.id == record.id))
                 raise JudgmentStateError(record.id, stored_status)
             session.add_all(_verdict_rows(record))
             if record.trace is not None:
                 session.add(_trace_row(record))
+            session.flush()
+            integrity.append_leaf(session, record)
+
+        self._run(f"finish judgment {record.id}", work)
         logger.debug("finished judgment %s as %s with %d verdicts", record.id, record.status, len(record.verdicts))
 
     def get(self, judgment_id: str) -> JudgmentRecord | None:
@@ -249,49 +273,94 @@ class AuditStore:
             .where(Judgment.id == judgment_id)
             .options(selectinload(Judgment.verdicts), selectinload(Judgment.trace))
         )
-        with self._transaction(f"read judgment {judgment_id}") as session:
+        def work(session: Session) -> JudgmentRecord | None:
             row = session.scalars(statement).one_or_none()
             return None if row is None else _to_record(row, with_trace=True)
 
+        return self._run(f"read judgment {judgment_id}", work)
+
     def list(self, query: JudgmentQuery, limit: int, cursor: str | None) -> JudgmentPage:
-        """Return up to ``limit`` judgments that match ``query``, newest first.
+        """Return up to ``limit`` judgments that match ``query``, in its order (newest first by default).
 
         Items have their verdicts but no trace. Pass the returned
-        ``next_cursor`` to get the next page. Raises InvalidCursorError for a
-        cursor that this store did not return.
+        ``next_cursor``, with the same query, to get the next page. Raises
+        InvalidCursorError for a cursor that this store did not return.
         """
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
-
-        statement = select(Judgment).options(selectinload(Judgment.verdicts))
-        if query.constraint is not None:
-            on_constraint = (Verdict.judgment_id == Judgment.id) & (Verdict.constraint == query.constraint)
-            statement = statement.join(Verdict, on_constraint)
-        conditions = _conditions(query)
-        if cursor is not None:
-            conditions.append(Judgment.id < _decode_cursor(cursor))
-        statement = statement.where(*conditions).order_by(Judgment.id.desc()).limit(limit + 1)
+        after_id = None if cursor is None else _decode_cursor(cursor)
 
         # Fetching one row more than limit shows whether another page follows.
-        with self._transaction("list judgments") as session:
-            rows = session.scalars(statement).all()
-            items = [_to_record(row, with_trace=False) for row in rows[:limit]]
-        next_cursor = _encode_cursor(items[-1].id) if len(rows) > limit else None
+        statement = queries.select_page(query, after_id, limit + 1)
+        records = self._run("list judgments", lambda session: _read_records(session, statement, with_trace=False))
+        items = records[:limit]
+        next_cursor = _encode_cursor(items[-1].id) if len(records) > limit else None
         return JudgmentPage(items=items, next_cursor=next_cursor)
 
-    @contextmanager
-    def _transaction(self, action: str) -> Iterator[Session]:
-        """Open a session in a transaction that commits on exit, and map database errors.
+    def export(self, query: JudgmentQuery, batch_size: int = 500, with_trace: bool = False) -> Iterator[JudgmentRecord]:
+        """Yield every judgment that matches ``query``, in its order, reading ``batch_size`` at a time.
 
-        A SQLAlchemyError, raised in the block or by the commit, is logged and
-        raised as StoreUnavailableError. Other exceptions roll back and pass through.
+        Each batch is read in a transaction of its own, and no transaction is
+        open while the caller consumes a batch. Paging continues after the last
+        id of each batch, so a judgment committed during the export appears if
+        its id sorts after that point. Records have a trace only ``with_trace``.
+        Raises StoreUnavailableError when a batch cannot be read.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+
+        after_id = None
+        while True:
+            statement = queries.select_page(query, after_id, batch_size, with_trace)
+            batch = self._run("export judgments", lambda session: _read_records(session, statement, with_trace))
+            yield from batch
+            if len(batch) < batch_size:
+                return
+            after_id = batch[-1].id
+
+    def daily_stats(self, query: JudgmentQuery) -> list[DailyStat]:
+        """Count per UTC day and constraint the matching judgments and their passed verdicts, oldest day first."""
+        statement = queries.select_daily_stats(query)
+        rows = self._run("count judgments per day", lambda session: session.execute(statement).all())
+        return [DailyStat(row.day, row.constraint, row.judgments, row.passed) for row in rows]
+
+    def _run(self, action: str, work: Callable[[Session], T]) -> T:
+        """Run ``work`` in one transaction; when the connection is lost on the way, run it once more.
+
+        A lost connection rolls the transaction back, so the second run starts
+        from the same state. A second loss, or any other database error, is
+        logged and raised as StoreUnavailableError.
         """
         try:
-            with Session(self._engine) as session, session.begin():
-                yield session
+            try:
+                return self._in_transaction(work)
+            except DBAPIError as exc:
+                if not exc.connection_invalidated:
+                    raise
+                logger.warning("Lost the database connection while trying to %s; retrying once", action)
+            return self._in_transaction(work)
         except SQLAlchemyError as exc:
             logger.exception("audit store failed to %s", action)
             raise StoreUnavailableError(f"The audit store could not {action}: {_describe(exc)}") from exc
+
+    def _in_transaction(self, work: Callable[[Session], T]) -> T:
+        with Session(self._engine) as session, session.begin():
+            return work(session)
+
+
+@contextmanager
+def store_transaction(engine: Engine, action: str) -> Iterator[Session]:
+    """Open a session in a transaction that commits on exit, and map database errors.
+
+    A SQLAlchemyError, raised in the block or by the commit, is logged and
+    raised as StoreUnavailableError. Other exceptions roll back and pass through.
+    """
+    try:
+        with Session(engine) as session, session.begin():
+            yield session
+    except SQLAlchemyError as exc:
+        logger.exception("audit store failed to %s", action)
+        raise StoreUnavailableError(f"The audit store could not {action}: {_describe(exc)}") from exc
 
 
 # Columns that JudgmentRecord and the judgments table share under one name.
@@ -333,26 +402,8 @@ def _to_record(row: Judgment, with_trace: bool) -> JudgmentRecord:
     )
 
 
-def _conditions(query: JudgmentQuery) -> list[ColumnElement[bool]]:
-    """Build the WHERE conditions of ``query``. Verdict conditions expect verdicts joined on the constraint."""
-    conditions: list[ColumnElement[bool]] = []
-    if query.since is not None:
-        conditions.append(Judgment.created_at >= query.since)
-    if query.until is not None:
-        conditions.append(Judgment.created_at < query.until)
-    if query.flagged is not None:
-        conditions.append(Judgment.flagged == query.flagged)
-    if query.kind is not None:
-        conditions.append(Judgment.kind == query.kind)
-    if query.status is not None:
-        conditions.append(Judgment.status == query.status)
-    if query.min_score is not None:
-        conditions.append(Verdict.score >= query.min_score)
-    if query.max_score is not None:
-        conditions.append(Verdict.score <= query.max_score)
-    if query.passed is not None:
-        conditions.append(Verdict.passed == query.passed)
-    return conditions
+def _read_records(session: Session, statement: Select, with_trace: bool) -> list[JudgmentRecord]:
+    return [_to_record(row, with_trace) for row in session.scalars(statement)]
 
 
 def _encode_cursor(judgment_id: str) -> str:

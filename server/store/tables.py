@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Dialect,
@@ -71,6 +72,8 @@ class Judgment(Base):
         Index(None, "flagged", "created_at"),
         Index(None, "kind", "created_at"),
         Index(None, "status", "created_at"),
+        Index(None, "model_name", "created_at"),
+        Index(None, "heads_name", "created_at"),
     )
 
     # UUIDv7 in canonical text form, so that ids sort by creation time.
@@ -124,7 +127,8 @@ class Verdict(Base):
     __tablename__ = "verdicts"
     __table_args__ = (
         Index(None, "constraint", "score"),
-        Index(None, "constraint", "passed"),
+        # With judgment_id, the passed filter reads the judgment ids from the index, not from the table.
+        Index(None, "constraint", "passed", "judgment_id"),
     )
 
     judgment_id: Mapped[str] = mapped_column(
@@ -155,3 +159,70 @@ class Trace(Base):
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
 
     judgment: Mapped[Judgment] = relationship(back_populates="trace")
+
+
+# The integrity log: an RFC 6962 Merkle tree whose leaves are the judgments' record hashes.
+# Hashes are stored as lowercase hex of SHA-256 digests (64 characters).
+
+
+class IntegrityLeaf(Base):
+    """One leaf of the integrity log: the hash of one finished judgment's record."""
+
+    __tablename__ = "integrity_leaves"
+
+    # Position in the log, from 0, without gaps.
+    leaf_index: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    # No cascade: a judgment with a leaf cannot be deleted, only its payload erased.
+    judgment_id: Mapped[str] = mapped_column(ForeignKey("judgments.id"), unique=True)
+    # Hash over the judgment's fields, verdicts and payload_hash; the leaf hashes this.
+    record_hash: Mapped[str] = mapped_column(String(64))
+    # Hash over the erasable payload (prompt, output, trace), kept when the payload is erased.
+    payload_hash: Mapped[str] = mapped_column(String(64))
+    leaf_hash: Mapped[str] = mapped_column(String(64))
+    # Version of the canonical serialisation that record_hash and payload_hash cover.
+    hash_version: Mapped[int] = mapped_column(Integer)
+    appended_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class MerkleNode(Base):
+    """The hash of a perfect subtree: 2**level leaves starting at leaf node_index * 2**level (level >= 1)."""
+
+    __tablename__ = "merkle_nodes"
+
+    level: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    node_index: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class IntegrityState(Base):
+    """The log's size in one row; appending locks the row, so concurrent writers get consecutive leaves."""
+
+    __tablename__ = "integrity_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    tree_size: Mapped[int] = mapped_column(BigInteger)
+
+
+class TreeHead(Base):
+    """A signed tree head: the log's root at one size, signed with the server's Ed25519 key."""
+
+    __tablename__ = "tree_heads"
+
+    tree_size: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    root_hash: Mapped[str] = mapped_column(String(64))
+    signed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # SHA-256 of the raw public key, in hex: which key signed.
+    key_id: Mapped[str] = mapped_column(String(64))
+    # Hex of the 64-byte Ed25519 signature over the head's canonical JSON.
+    signature: Mapped[str] = mapped_column(String(128))
+
+
+class Erasure(Base):
+    """Who erased a judgment's payload, when and why; the leaf stays verifiable through payload_hash."""
+
+    __tablename__ = "erasures"
+
+    judgment_id: Mapped[str] = mapped_column(ForeignKey("judgments.id"), primary_key=True)
+    erased_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    erased_by: Mapped[str] = mapped_column(String(255))
+    reason: Mapped[str] = mapped_column(Text)

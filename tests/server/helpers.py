@@ -94,9 +94,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(data_dir: Path, port: int) -> subprocess.Popen:
+def start_server(data_dir: Path, port: int, **settings: str) -> subprocess.Popen:
+    """Start `tracehead serve` on the default model; ``settings`` are extra TRACEHEAD_* variables."""
     env = os.environ | {"TRACEHEAD_DATA_DIR": str(data_dir), "TRACEHEAD_PORT": str(port),
-                        "TRACEHEAD_HOST": "127.0.0.1"}
+                        "TRACEHEAD_HOST": "127.0.0.1"} | settings
     log = (data_dir / f"server-{port}.log").open("a")
     process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env, stdout=log,
                                stderr=subprocess.STDOUT)

@@ -1,51 +1,15 @@
-import os
-from collections.abc import Iterator
-
-import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, Engine, inspect, text
 
-from server.store import create_engine_for, database_revision, head_revision, upgrade_database
+from server.store import database_revision, head_revision, upgrade_database
 from server.store.db import _alembic_config, run_migrations
 from server.store.tables import Base
 
-STORE_TABLES = {"judgments", "verdicts", "traces"}
-# An empty PostgreSQL database, such as postgresql+psycopg://postgres@127.0.0.1:5432/test.
-# The tests drop the store tables in it before and after each test. The URL's
-# driver (psycopg here) is not a project dependency, so install it first.
-POSTGRES_URL_VARIABLE = "TRACEHEAD_TEST_POSTGRES_URL"
+STORE_TABLES = {"judgments", "verdicts", "traces", "integrity_leaves", "merkle_nodes", "integrity_state",
+                "tree_heads", "erasures"}
 COMPLETION_COLUMNS = ("completed_at", "finish_reason", "latency_ms")
-
-
-def make_engine(tmp_path) -> Engine:
-    return create_engine_for(f"sqlite:///{tmp_path / 'store.db'}")
-
-
-def drop_store_tables(engine: Engine) -> None:
-    with engine.begin() as connection:
-        for table in ("traces", "verdicts", "judgments", "alembic_version"):
-            connection.execute(text(f"DROP TABLE IF EXISTS {table}"))
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def engine(request, tmp_path) -> Iterator[Engine]:
-    """An engine on an empty database of each backend."""
-    if request.param == "sqlite":
-        engine = make_engine(tmp_path)
-        yield engine
-        engine.dispose()
-        return
-
-    url = os.environ.get(POSTGRES_URL_VARIABLE)
-    if not url:
-        pytest.skip(f"set {POSTGRES_URL_VARIABLE} to an empty PostgreSQL database to run the PostgreSQL case")
-    engine = create_engine_for(url)
-    drop_store_tables(engine)
-    yield engine
-    drop_store_tables(engine)
-    engine.dispose()
 
 
 def table_names(engine: Engine) -> set[str]:
@@ -61,12 +25,10 @@ def downgrade_to_base(engine: Engine) -> None:
 
 
 def test_head_revision_is_latest():
-    assert head_revision() == "0003"
+    assert head_revision() == "0005"
 
 
-def test_new_database_has_no_revision(tmp_path):
-    engine = make_engine(tmp_path)
-
+def test_new_database_has_no_revision(engine):
     assert database_revision(engine) is None
     assert table_names(engine) == set()
 
@@ -96,10 +58,12 @@ def test_upgrade_creates_named_indexes(engine):
         "ix_judgments_flagged_created_at": ["flagged", "created_at"],
         "ix_judgments_kind_created_at": ["kind", "created_at"],
         "ix_judgments_status_created_at": ["status", "created_at"],
+        "ix_judgments_model_name_created_at": ["model_name", "created_at"],
+        "ix_judgments_heads_name_created_at": ["heads_name", "created_at"],
     }
     assert verdict_indexes == {
         "ix_verdicts_constraint_score": ["constraint", "score"],
-        "ix_verdicts_constraint_passed": ["constraint", "passed"],
+        "ix_verdicts_constraint_passed_judgment_id": ["constraint", "passed", "judgment_id"],
     }
     assert inspector.get_pk_constraint("verdicts")["constrained_columns"] == ["judgment_id", "constraint"]
 
@@ -138,14 +102,14 @@ def test_downgrade_then_upgrade_again(engine):
     assert database_revision(engine) == head_revision()
 
 
-def test_env_connects_from_url(tmp_path):
-    database = tmp_path / "from_url.db"
+def test_env_connects_from_url(engine):
+    url = engine.url.render_as_string(hide_password=False)
     config = _alembic_config()
-    config.set_main_option("sqlalchemy.url", f"sqlite:///{database}")
+    # configparser treats "%" as interpolation, and a URL-quoted search_path option contains one.
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
 
     command.upgrade(config, "head")
 
-    engine = create_engine_for(f"sqlite:///{database}")
     assert table_names(engine) == STORE_TABLES | {"alembic_version"}
     assert database_revision(engine) == head_revision()
 
@@ -254,3 +218,18 @@ def test_downgrade_fills_started_judgment(engine):
     assert row.latency_ms == 0
     assert row.status == "started"
     assert child_row_counts(engine) == (1, 1)
+
+
+def index_names(engine: Engine, table: str) -> set[str]:
+    return {index["name"] for index in inspect(engine).get_indexes(table)}
+
+
+def test_query_index_migration_downgrades(engine):
+    upgrade_database(engine)
+
+    migrate(engine, command.downgrade, "0004")
+
+    assert "ix_verdicts_constraint_passed" in index_names(engine, "verdicts")
+    assert "ix_verdicts_constraint_passed_judgment_id" not in index_names(engine, "verdicts")
+    assert "ix_judgments_model_name_created_at" not in index_names(engine, "judgments")
+    assert "ix_judgments_heads_name_created_at" not in index_names(engine, "judgments")

@@ -8,11 +8,11 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import Engine, create_engine, delete, func, select, text
+from sqlalchemy import Engine, create_engine, delete, func, insert, select, text
+from sqlalchemy.exc import IntegrityError
 
 from server.store import (
     AuditStore,
@@ -26,18 +26,17 @@ from server.store import (
     new_judgment_id,
     upgrade_database,
 )
-from server.store.repository import _encode_cursor
+from server.store.repository import TRACE_FORMAT_VERSION, _encode_cursor
 from server.store.tables import Judgment, Trace, Verdict
 
 BASE_TIME = datetime(2026, 5, 1, 12, 0, tzinfo=timezone.utc)
 
 
 @pytest.fixture
-def engine(tmp_path) -> Iterator[Engine]:
-    engine = create_engine_for(f"sqlite:///{tmp_path / 'audit' / 'store.db'}")
+def engine(engine: Engine) -> Engine:
+    """The shared empty engine of each backend (see conftest.py), upgraded to the newest revision."""
     upgrade_database(engine)
-    yield engine
-    engine.dispose()
+    return engine
 
 
 @pytest.fixture
@@ -182,9 +181,12 @@ def test_duplicate_id_keeps_first_record(store, engine):
     store.save(first)
     second = dataclasses.replace(make_record(), id=first.id, output="a different output")
 
-    with pytest.raises(StoreUnavailableError, match="IntegrityError"):
+    with pytest.raises(StoreUnavailableError, match=f"could not save judgment {first.id}: ") as raised:
         store.save(second)
 
+    # The driver's exception class differs by backend (sqlite3.IntegrityError, psycopg's
+    # UniqueViolation), and SQLAlchemy wraps both in its IntegrityError.
+    assert isinstance(raised.value.__cause__, IntegrityError)
     assert store.get(first.id) == first
     assert count_rows(engine, Judgment) == 1
     assert count_rows(engine, Verdict) == len(first.verdicts)
@@ -371,15 +373,13 @@ def test_query_rejects_invalid_filters(arguments, message):
         JudgmentQuery(**arguments)
 
 
-def test_saved_judgment_survives_sigkill(tmp_path):
-    url = f"sqlite:///{tmp_path / 'killed.db'}"
-    engine = create_engine_for(url)
-    upgrade_database(engine)
+def test_saved_judgment_survives_sigkill(engine, tmp_path):
+    url = engine.url.render_as_string(hide_password=False)
     record = make_record()
     record_file = tmp_path / "record.pickle"
     record_file.write_bytes(pickle.dumps(record))
     # The child saves the record and kills itself before the engine can close
-    # its connections, so only what the commit wrote to the database files remains.
+    # its connections, so only what the commit made durable remains.
     script = (
         "import os, pickle, signal, sys\n"
         "from server.store import AuditStore, create_engine_for\n"
@@ -392,13 +392,20 @@ def test_saved_judgment_survives_sigkill(tmp_path):
 
     assert child.returncode == -signal.SIGKILL
     assert AuditStore(engine).get(record.id) == record
-    engine.dispose()
 
 
 def test_delete_cascades_to_children(store, engine):
+    # save() and finish() also append an integrity leaf, whose foreign key has no
+    # cascade and blocks the delete, so the children are added to a started judgment.
     record = make_record()
-    store.save(record)
+    store.start(make_started(record))
+    with engine.begin() as connection:
+        verdict_rows = [{"judgment_id": record.id, **dataclasses.asdict(verdict)} for verdict in record.verdicts]
+        connection.execute(insert(Verdict), verdict_rows)
+        trace_row = {"judgment_id": record.id, "format_version": TRACE_FORMAT_VERSION, "data": record.trace}
+        connection.execute(insert(Trace), [trace_row])
     assert count_rows(engine, Verdict) == 2
+    assert count_rows(engine, Trace) == 1
 
     with engine.begin() as connection:
         connection.execute(delete(Judgment).where(Judgment.id == record.id))
@@ -407,8 +414,9 @@ def test_delete_cascades_to_children(store, engine):
     assert count_rows(engine, Trace) == 0
 
 
-def test_pragmas_on_new_connection(engine):
-    with engine.connect() as connection:
+def test_pragmas_on_new_connection(sqlite_engine):
+    # SQLite only: create_engine_for sets these pragmas on SQLite connections alone.
+    with sqlite_engine.connect() as connection:
         assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert connection.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
         assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
@@ -416,6 +424,7 @@ def test_pragmas_on_new_connection(engine):
 
 
 def test_engine_creates_parent_directory(tmp_path):
+    # SQLite only: a PostgreSQL URL names a server, not a file.
     database = tmp_path / "nested" / "deeper" / "store.db"
     engine = create_engine_for(f"sqlite:///{database}")
 
@@ -553,9 +562,10 @@ def test_failed_finish_leaves_started(store, engine, caplog):
     broken = dataclasses.replace(final, verdicts=[*final.verdicts, dataclasses.replace(final.verdicts[0])])
 
     with caplog.at_level(logging.ERROR, logger="server.store.repository"):
-        with pytest.raises(StoreUnavailableError, match=f"could not finish judgment {final.id}: IntegrityError"):
+        with pytest.raises(StoreUnavailableError, match=f"could not finish judgment {final.id}: ") as raised:
             store.finish(broken)
 
+    assert isinstance(raised.value.__cause__, IntegrityError)
     assert final.id in caplog.text
     assert store.get(final.id) == started
     assert count_rows(engine, Verdict) == 0
@@ -607,9 +617,10 @@ def test_start_duplicate_id_raises_unavailable(store):
     started = make_started(make_record())
     store.start(started)
 
-    with pytest.raises(StoreUnavailableError, match=f"could not start judgment {started.id}: IntegrityError"):
+    with pytest.raises(StoreUnavailableError, match=f"could not start judgment {started.id}: ") as raised:
         store.start(dataclasses.replace(started, output="other"))
 
+    assert isinstance(raised.value.__cause__, IntegrityError)
     assert store.get(started.id) == started
 
 

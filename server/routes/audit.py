@@ -1,0 +1,97 @@
+"""The integrity log over HTTP: signed tree heads, the public key, proofs, and erasure for admins."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from server.dependencies import RuntimeDep
+from server.errors import ApiError
+from server.store.audit_log import JudgmentNotFoundError, ProofRangeError
+from server.store.integrity import utc_iso
+
+router = APIRouter(tags=["audit"])
+
+
+@router.get("/v1/audit/public-key")
+async def public_key(runtime: RuntimeDep) -> dict:
+    """The Ed25519 key that signs tree heads; auditors check saved heads with it."""
+    signer = runtime.integrity.signer
+    return {"algorithm": "Ed25519", "public_key": signer.public_key_bytes.hex(), "key_id": signer.key_id}
+
+
+@router.get("/v1/audit/tree-head")
+async def tree_head(runtime: RuntimeDep) -> dict:
+    """The latest signed tree head; a new one is signed when the log has grown since the last."""
+    head = await run_in_threadpool(runtime.integrity.tree_head)
+    return head.as_dict() | {"algorithm": "Ed25519"}
+
+
+@router.get("/v1/audit/consistency")
+async def consistency(runtime: RuntimeDep, first: Annotated[int, Query(ge=1)],
+                      second: Annotated[int, Query(ge=1)]) -> dict:
+    """RFC 6962 consistency proof between the trees of ``first`` and ``second`` leaves."""
+    try:
+        proof = await run_in_threadpool(runtime.integrity.consistency_proof, first, second)
+    except ProofRangeError as exc:
+        raise ApiError(422, str(exc), param="second", code="invalid_value") from None
+    return {"first": first, "second": second, "consistency_proof": proof}
+
+
+@router.get("/v1/judgments/{judgment_id}/proof")
+async def inclusion_proof(judgment_id: str, runtime: RuntimeDep,
+                          tree_size: Annotated[int | None, Query(ge=1, description=(
+                              "Size of the tree to prove inclusion in; default the current size."))] = None) -> dict:
+    """RFC 6962 inclusion proof of the judgment's leaf, with the root it leads to."""
+    try:
+        proof = await run_in_threadpool(runtime.integrity.inclusion_proof, judgment_id, tree_size)
+        root = await run_in_threadpool(runtime.integrity.root_at, proof.tree_size)
+    except JudgmentNotFoundError:
+        raise _no_leaf(judgment_id) from None
+    except ProofRangeError as exc:
+        raise ApiError(422, str(exc), param="tree_size", code="invalid_value") from None
+    return {"judgment_id": judgment_id, "leaf_index": proof.leaf_index, "tree_size": proof.tree_size,
+            "record_hash": proof.record_hash, "leaf_hash": proof.leaf_hash, "audit_path": proof.audit_path,
+            "root_hash": root}
+
+
+class EraseRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(min_length=1, max_length=2000, description="Why the payload is erased (retention, privacy).")
+    erased_by: str = Field(min_length=1, max_length=255, description="Who asked for the erasure.")
+
+
+@router.post("/v1/admin/judgments/{judgment_id}/erase")
+async def erase(judgment_id: str, body: EraseRequest, runtime: RuntimeDep,
+                authorization: Annotated[str | None, Header()] = None) -> dict:
+    """Erase a judgment's prompt, output and trace; the record and its proof stay verifiable."""
+    _require_admin(runtime.settings.admin_token, authorization)
+    try:
+        erasure = await run_in_threadpool(runtime.integrity.erase, judgment_id, body.erased_by, body.reason)
+    except JudgmentNotFoundError:
+        raise _no_leaf(judgment_id) from None
+    except ValueError as exc:
+        raise ApiError(409, str(exc), type="invalid_request_error", param="judgment_id",
+                       code="already_erased") from None
+    return {"judgment_id": judgment_id, "erased_at": utc_iso(erasure.erased_at), "erased_by": erasure.erased_by,
+            "reason": erasure.reason}
+
+
+def _no_leaf(judgment_id: str) -> ApiError:
+    return ApiError(404, f"judgment {judgment_id[:80]!r} has no leaf in the integrity log: it does not exist or its "
+                    "stream has not finished", type="not_found_error", param="judgment_id", code="judgment_not_found")
+
+
+def _require_admin(admin_token: str | None, authorization: str | None) -> None:
+    if admin_token is None:
+        raise ApiError(403, "admin routes are disabled on this server; set TRACEHEAD_ADMIN_TOKEN to enable them",
+                       type="permission_error", code="admin_disabled")
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), admin_token.encode()):
+        raise ApiError(401, "send the admin token as `Authorization: Bearer <TRACEHEAD_ADMIN_TOKEN>`",
+                       type="authentication_error", code="invalid_admin_token")
