@@ -114,7 +114,7 @@ def _judgment_row(record: JudgmentRecord) -> dict:
         "id", "created_at", "completed_at", "request_id", "model_name", "model_fingerprint", "heads_name",
         "heads_fingerprint", "prompt", "output", "parameters", "finish_reason", "status", "prompt_tokens",
         "completion_tokens", "latency_ms", "flagged", "kind", "policy")}
-    return row | {"metadata_": record.metadata}
+    return row | {"metadata": record.metadata}  # Core inserts use column names
 
 
 def queries(store: AuditStore, log: IntegrityLog, loaded: int) -> dict[str, Callable[[], object]]:
@@ -135,6 +135,9 @@ def queries(store: AuditStore, log: IntegrityLog, loaded: int) -> dict[str, Call
         "model, newest 20": lambda: store.list(JudgmentQuery(model=MODELS[1]), 20, None),
         "metadata tenant=tenant-7": lambda: store.list(JudgmentQuery(metadata={"tenant": "tenant-7"}), 20, None),
         "one judgment with trace": lambda: store.get(probe),
+        "one day's stats, causality, tenant-7": lambda: store.daily_stats(JudgmentQuery(
+            constraint="causality", metadata={"tenant": "tenant-7"}, since=middle, until=middle + timedelta(days=1))),
+        "text search, newest 20": lambda: store.list(JudgmentQuery(text="question number 12345?"), 20, None),
         "inclusion proof": lambda: log.inclusion_proof(probe),
         "tree root": lambda: log.root_at(loaded),
     }
