@@ -45,7 +45,7 @@ START = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
 def synthetic_record(number: int, rng: random.Random) -> JudgmentRecord:
-    """One judgment as the server stores it, created `number` seconds after START (about 11.6 days per million)."""
+    """Build one judgment as the server stores it, created `number` seconds after START (11.6 days per million)."""
     created_at = START + timedelta(seconds=number)
     scores = {name: rng.random() for name in CONSTRAINTS}
     verdicts = [VerdictRecord(name, score, score * rng.random(), 40 + rng.randrange(TRACE_TOKENS), 0.5, score >= 0.5)
@@ -118,7 +118,7 @@ def _judgment_row(record: JudgmentRecord) -> dict:
 
 
 def queries(store: AuditStore, log: IntegrityLog, loaded: int) -> dict[str, Callable[[], object]]:
-    """The auditor's common queries, each as the server runs it."""
+    """Return the auditor's common queries, each as the server runs it."""
     middle = START + timedelta(seconds=loaded // 2)
     probe = synthetic_record(loaded // 2, random.Random(1)).id
     page = store.list(JudgmentQuery(), 20, None)

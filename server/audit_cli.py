@@ -100,7 +100,8 @@ def _print_report(report) -> None:
         where = f"judgment {mismatch.judgment_id}" if mismatch.judgment_id else "log"
         index = f" (leaf {mismatch.leaf_index})" if mismatch.leaf_index is not None else ""
         print(f"MISMATCH {where}{index}: {mismatch.problem}")
-    print("OK: the log verifies" if report.ok else f"FAILED: {len(report.mismatches)} problems")
+    count = len(report.mismatches)
+    print("OK: the log verifies" if report.ok else f"FAILED: {count} problem{'s' if count != 1 else ''}")
 
 
 def cmd_audit_erase(args: argparse.Namespace, settings: Settings) -> int:

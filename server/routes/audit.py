@@ -19,14 +19,14 @@ router = APIRouter(tags=["audit"])
 
 @router.get("/v1/audit/public-key")
 async def public_key(runtime: RuntimeDep) -> dict:
-    """The Ed25519 key that signs tree heads; auditors check saved heads with it."""
+    """Return the Ed25519 key that signs tree heads; auditors check saved heads with it."""
     signer = runtime.integrity.signer
     return {"algorithm": "Ed25519", "public_key": signer.public_key_bytes.hex(), "key_id": signer.key_id}
 
 
 @router.get("/v1/audit/tree-head")
 async def tree_head(runtime: RuntimeDep) -> dict:
-    """The latest signed tree head; a new one is signed when the log has grown since the last."""
+    """Return the latest signed tree head, signing a new one when the log has grown since the last."""
     head = await run_in_threadpool(runtime.integrity.tree_head)
     return head.as_dict() | {"algorithm": "Ed25519"}
 

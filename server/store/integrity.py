@@ -2,9 +2,9 @@
 
 Each finished judgment gets one leaf, appended in the same transaction as the
 judgment itself. The leaf covers a record hash over the judgment's fields,
-verdicts and a payload hash; the payload (prompt, output, trace) is hashed
-separately, so that erasing it leaves the record hash, and so the leaf and
-every proof, verifiable.
+verdicts and a payload hash. The payload (prompt, output, trace) is hashed on
+its own, so erasing it changes neither the record hash nor the leaf, and every
+proof still verifies.
 
 Appends take a row lock on ``integrity_state`` (an UPDATE of its one row), so
 writers in several processes on one PostgreSQL database get consecutive leaf
@@ -216,7 +216,7 @@ def load_or_create_key(path: Path) -> TreeHeadSigner:
             logger.warning("Created a new tree-head signing key at %s; keep it safe and back it up", path)
     key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 private key; "
+        raise ValueError(f"{path} contains a {type(key).__name__}, not an Ed25519 private key; "
                          "generate one with `openssl genpkey -algorithm ed25519`")
     return TreeHeadSigner(key)
 

@@ -107,7 +107,7 @@ def test_consistency_proofs_verify(saved, log):
         log.consistency_proof(3, RECORDS + 1)
 
 
-def test_tree_head_is_signed_and_reused_until_log_grows(saved, log, store):
+def test_tree_head_signed_and_reused(saved, log, store):
     head = log.tree_head()
 
     assert head.tree_size == RECORDS
