@@ -13,7 +13,13 @@ from sqlalchemy.orm import Session, selectinload
 
 from server.store import integrity, merkle
 from server.store.integrity import Mismatch, SignedTreeHead, TreeHeadSigner, VerifyReport
-from server.store.repository import STARTED_STATUS, StoreUnavailableError, _to_record, store_transaction
+from server.store.repository import (
+    STARTED_STATUS,
+    JudgmentRecord,
+    StoreUnavailableError,
+    _to_record,
+    store_transaction,
+)
 from server.store.tables import Erasure, IntegrityLeaf, Judgment, Trace
 
 logger = logging.getLogger(__name__)
@@ -157,27 +163,52 @@ class IntegrityLog:
                 leaves = session.scalars(select(IntegrityLeaf).where(IntegrityLeaf.leaf_index >= expected)
                                          .order_by(IntegrityLeaf.leaf_index).limit(VERIFY_BATCH)).all()
                 ids = [leaf.judgment_id for leaf in leaves]
-                rows = {row.id: row for row in session.scalars(
-                    select(Judgment).where(Judgment.id.in_(ids))
-                    .options(selectinload(Judgment.verdicts), selectinload(Judgment.trace)))}
+                records = self._load_records(session, ids)
                 erased = set(session.scalars(select(Erasure.judgment_id).where(Erasure.judgment_id.in_(ids))))
                 for leaf in leaves:
                     if leaf.leaf_index != expected:
                         report.mismatches.append(Mismatch(None, expected, f"leaves {expected} to "
                                                           f"{leaf.leaf_index - 1} are missing"))
                     expected = leaf.leaf_index + 1
-                    self._check_one(leaf, rows.get(leaf.judgment_id), leaf.judgment_id in erased, report)
+                    self._check_one(leaf, records.get(leaf.judgment_id), leaf.judgment_id in erased, report)
                     yield bytes.fromhex(leaf.leaf_hash)
             if len(leaves) < VERIFY_BATCH:
                 return
 
     @staticmethod
-    def _check_one(leaf: IntegrityLeaf, row: Judgment | None, erased: bool, report: VerifyReport) -> None:
-        if row is None:
+    def _load_records(session: Session, ids: list[str]) -> dict[str, JudgmentRecord | str]:
+        """Load the judgments with their verdicts and traces; an unreadable one maps to what is wrong.
+
+        A JSON column edited into invalid JSON (SQLite stores JSON as text) fails
+        the whole batch, so the batch is then read again one judgment at a time.
+        """
+        def query(selected: list[str]):
+            return (select(Judgment).where(Judgment.id.in_(selected))
+                    .options(selectinload(Judgment.verdicts), selectinload(Judgment.trace)))
+
+        try:
+            return {row.id: _to_record(row, with_trace=True) for row in session.scalars(query(ids))}
+        except ValueError:
+            session.expunge_all()
+        records: dict[str, JudgmentRecord | str] = {}
+        for judgment_id in ids:
+            try:
+                row = session.scalars(query([judgment_id])).one_or_none()
+                if row is not None:
+                    records[judgment_id] = _to_record(row, with_trace=True)
+            except ValueError as exc:
+                records[judgment_id] = f"its stored data is no longer readable ({type(exc).__name__}: {exc})"
+                session.expunge_all()
+        return records
+
+    @staticmethod
+    def _check_one(leaf: IntegrityLeaf, record: JudgmentRecord | str | None, erased: bool,
+                   report: VerifyReport) -> None:
+        if record is None:
             report.mismatches.append(Mismatch(leaf.judgment_id, leaf.leaf_index, "the judgment is missing"))
             return
         report.erased += erased
-        problem = integrity.check_leaf(_to_record(row, with_trace=True), leaf, erased)
+        problem = record if isinstance(record, str) else integrity.check_leaf(record, leaf, erased)
         if problem is not None:
             report.mismatches.append(Mismatch(leaf.judgment_id, leaf.leaf_index, problem))
 

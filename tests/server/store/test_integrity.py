@@ -140,6 +140,18 @@ def test_editing_a_judgment_names_it(saved, log, engine, statement, what):
     assert named(report) == {target.id}
 
 
+def test_unreadable_json_names_the_judgment(saved, log, engine):
+    if engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL rejects invalid JSON on write, so only SQLite can hold it")
+    execute(engine, "UPDATE traces SET data = substr(data, 1, 20) WHERE judgment_id = :id", id=saved[4].id)
+
+    report = log.verify()
+
+    assert named(report) == {saved[4].id}
+    assert "no longer readable" in report.mismatches[0].problem
+    assert report.leaves == RECORDS
+
+
 def test_edit_with_recomputed_leaf_breaks_signed_root(saved, log, engine):
     log.tree_head()
     target = saved[2]
