@@ -238,10 +238,13 @@ class DecodeSession:
     def _sample(self, logits: torch.Tensor) -> tuple[int, float, list[tuple[int, str, float]] | None]:
         """Return the sampled token id, its logprob and, if requested, the most likely alternatives."""
         logprobs = torch.log_softmax(logits, dim=-1)
-        if self.params.temperature == 0:
+        scaled_logits = logits / self.params.temperature if self.params.temperature > 0 else None
+        # A temperature near 0 (such as 1e-300) overflows the scaled logits to inf, and softmax then
+        # gives NaN; sampling at such a temperature is greedy decoding in the limit.
+        if scaled_logits is None or not torch.isfinite(scaled_logits).all():
             token_id = int(torch.argmax(logits))
         else:
-            probs = torch.softmax(logits / self.params.temperature, dim=-1)
+            probs = torch.softmax(scaled_logits, dim=-1)
             if self.params.top_p < 1.0:
                 probs = _top_p_filter(probs, self.params.top_p)
             token_id = int(torch.multinomial(probs, 1, generator=self.generator))

@@ -4,24 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import uuid
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from models.decode import ConstraintModel
 from server.errors import install_error_handlers
-from server.routes import audit, generate, judgments, openai
+from server.generation import shut_down
+from server.limits import BodySizeLimitMiddleware
+from server.observability import RequestContextMiddleware, RootPathMiddleware
+from server.routes import audit, generate, health, judgments, openai
 from server.runtime import build_runtime
 from server.settings import Settings
 from server.store import StoreUnavailableError
 
 logger = logging.getLogger(__name__)
-
-REQUEST_ID_HEADER = "X-Request-ID"
-_REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def create_app(settings: Settings | None = None, model: ConstraintModel | None = None) -> FastAPI:
@@ -40,26 +39,32 @@ def create_app(settings: Settings | None = None, model: ConstraintModel | None =
         signing = asyncio.create_task(_sign_tree_heads(app.state.runtime))
         yield
         signing.cancel()
-        app.state.runtime.close()
+        await shut_down(app.state.runtime)
 
     app = FastAPI(title="tracehead", version="0.1.0", lifespan=lifespan,
                   description="Generation with per-token constraint traces and an audit store.")
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.include_router(generate.router)
     app.include_router(audit.router)
     app.include_router(judgments.router)
     app.include_router(openai.router)
 
-    @app.middleware("http")
-    async def request_id(request: Request, call_next):
-        # A gateway's id is kept when it is well formed; otherwise the server makes one.
-        incoming = request.headers.get(REQUEST_ID_HEADER, "")
-        request.state.request_id = incoming if _REQUEST_ID_PATTERN.fullmatch(incoming) else uuid.uuid4().hex
-        response = await call_next(request)
-        response.headers[REQUEST_ID_HEADER] = request.state.request_id
-        return response
-
+    app.include_router(health.router)
+    add_observability_middleware(app, settings)
     return app
+
+
+def add_observability_middleware(app: FastAPI, settings: Settings) -> None:
+    """Add the request id middleware, the forwarded-header middleware of trusted proxies, and the root path.
+
+    The last one added runs first: the prefix check reads the proxy's own address,
+    which ProxyHeadersMiddleware then replaces with the forwarded client's.
+    """
+    app.add_middleware(RequestContextMiddleware)
+    if settings.trusted_proxies:
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
+    app.add_middleware(RootPathMiddleware, root_path=settings.root_path, trusted_proxies=settings.trusted_proxies)
 
 
 async def _sign_tree_heads(runtime) -> None:

@@ -27,38 +27,76 @@ def add_integrity_commands(audit: argparse._SubParsersAction) -> None:
     erase.set_defaults(handler=cmd_audit_erase)
 
     retain = audit.add_parser("retain", help="erase the payloads of judgments older than the retention period")
-    retain.add_argument("--days", type=int, help="retention period (default: TRACEHEAD_RETENTION_DAYS)")
+    retain.add_argument("--days", type=_positive_days, help="retention period (default: TRACEHEAD_RETENTION_DAYS)")
     retain.set_defaults(handler=cmd_audit_retain)
 
 
+def _positive_days(value: str) -> int:
+    try:
+        days = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--days must be a whole number of days, got {value!r}") from None
+    if days < 1:
+        raise argparse.ArgumentTypeError(f"--days must be at least 1, got {days}: a shorter period would erase "
+                                         "judgments created today")
+    return days
+
+
 def _integrity_log(settings: Settings, with_key: bool = True):
+    """Open the store's integrity log; with_key loads the signing key if its file exists, never creating one."""
     from server.store import create_engine_for, upgrade_database
     from server.store.audit_log import IntegrityLog
     from server.store.integrity import load_or_create_key
 
     engine = create_engine_for(settings.resolved_database_url)
     upgrade_database(engine)
-    signer = load_or_create_key(settings.resolved_signing_key_file) if with_key else None
+    key_file = settings.resolved_signing_key_file
+    signer = load_or_create_key(key_file) if with_key and key_file.exists() else None
     return IntegrityLog(engine, signer)
 
 
 def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
-    from server.store.integrity import Mismatch, SignedTreeHead
+    from server.store.integrity import Mismatch
 
     key_given = args.public_key is not None
     log = _integrity_log(settings, with_key=not key_given)
-    public_key = bytes.fromhex(args.public_key) if key_given else None
+    public_key = _public_key(args.public_key) if key_given else (log.signer.public_key_bytes if log.signer else None)
+    if public_key is None:
+        raise ValueError(f"no public key to check tree heads with: {settings.resolved_signing_key_file} does not "
+                         "exist here; pass --public-key HEX (from GET /v1/audit/public-key)")
+    saved = _saved_head(args.since_head) if args.since_head else None
     report = log.verify(public_key)
-    if args.since_head:
-        saved = SignedTreeHead.from_dict(json.loads(Path(args.since_head).read_text()))
-        for problem in _check_saved_head(log, saved, public_key or log.signer.public_key_bytes, report):
-            report.mismatches.append(Mismatch(None, None, problem))
+    if saved is not None:
+        problems = _check_saved_head(log, saved, public_key, report)
+        report.mismatches.extend(Mismatch(None, None, problem) for problem in problems)
+        if not problems:
+            print(f"saved head at size {saved.tree_size}: signature valid, and today's log extends it")
 
     if args.json:
         print(json.dumps(_report_dict(report), indent=2))
     else:
         _print_report(report)
     return 0 if report.ok else 1
+
+
+def _public_key(text: str) -> bytes:
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise ValueError(f"--public-key must be 64 hex digits (a raw Ed25519 key), got {text[:80]!r}")
+    return key
+
+
+def _saved_head(path: str):
+    from server.store.integrity import SignedTreeHead
+
+    try:
+        return SignedTreeHead.from_dict(json.loads(Path(path).read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--since-head {path}: not a tree head saved from GET /v1/audit/tree-head "
+                         f"({type(exc).__name__}: {exc})") from None
 
 
 def _check_saved_head(log, saved, public_key: bytes, report) -> list[str]:
@@ -119,7 +157,7 @@ def cmd_audit_erase(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_audit_retain(args: argparse.Namespace, settings: Settings) -> int:
-    days = args.days or settings.retention_days
+    days = args.days if args.days is not None else settings.retention_days
     if days is None:
         raise ValueError("no retention period: pass --days N or set TRACEHEAD_RETENTION_DAYS")
     erased = _integrity_log(settings, with_key=False).retain(days)

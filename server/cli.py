@@ -8,10 +8,12 @@ import json
 from dataclasses import asdict, replace
 from datetime import datetime
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from server.keys_cli import add_keys_commands
 from server.settings import Settings
 
 if TYPE_CHECKING:
@@ -23,8 +25,10 @@ logger = logging.getLogger(__name__)
 METRIC_TOLERANCE = 0.002
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _configure_logging(level: str, log_format: str) -> None:
+    from server.observability import configure_logging
+
+    configure_logging(level, log_format)
     # Alembic logs each plugin and migration step at INFO; the store logs the upgrade itself.
     logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
 
@@ -37,8 +41,15 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     # Loading before uvicorn starts turns a missing model or mismatched heads into a one-line error.
     model = load_model(settings)
+    # uvicorn handles SIGTERM itself (stop accepting, wait up to the grace period, run the lifespan shutdown)
+    # and then raises the signal again under the handler that was installed before it started. Ignoring it
+    # there lets a completed graceful stop exit with 0 instead of being killed by the re-raised signal.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(create_app(settings, model), host=args.host or settings.host, port=args.port or settings.port,
-                workers=1, log_level=settings.log_level)
+                workers=1, log_level=settings.log_level, timeout_graceful_shutdown=settings.shutdown_grace_s,
+                # The app itself honours forwarded headers of settings.trusted_proxies only, and uvicorn's own
+                # log config would bypass the root handler that adds request ids and the JSON format.
+                proxy_headers=False, log_config=None)
     return 0
 
 
@@ -427,13 +438,14 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade.set_defaults(handler=cmd_db_upgrade)
 
     _add_audit_commands(commands)
+    add_keys_commands(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = Settings()
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, settings.log_format)
     try:
         return args.handler(args, settings)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:

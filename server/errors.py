@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.decode import PromptTooLongError
+from server.observability import REQUEST_ID_HEADER
 from server.policy import UnknownConstraintError
 from server.store import InvalidCursorError, StoreUnavailableError
 
@@ -89,19 +90,24 @@ def map_exception(exc: Exception, request_id: str | None) -> ApiError:
     if isinstance(exc, InvalidCursorError):
         return ApiError(422, str(exc), param="cursor", code="invalid_value")
     if isinstance(exc, StoreUnavailableError):
-        logger.error("Audit store unavailable for request %s: %s", request_id, exc)
+        logger.error("Audit store unavailable for request %s: %s", request_id, exc, extra={"request_id": request_id})
         return ApiError(503, "the audit store is unavailable, so the output was not returned; retry later",
                         type="service_unavailable", code="audit_store_unavailable", headers={"Retry-After": "5"})
     if isinstance(exc, StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return ApiError(exc.status_code, str(exc.detail), type=kind)
-    logger.exception("Unhandled error in request %s", request_id)
+    logger.exception("Unhandled error in request %s", request_id, extra={"request_id": request_id})
     return ApiError(500, "internal server error; the request id identifies it in the server log",
                     type="server_error", code="internal_error")
 
 
 async def _handle(request: Request, exc: Exception) -> JSONResponse:
-    return error_response(map_exception(exc, getattr(request.state, "request_id", None)), request)
+    request_id = getattr(request.state, "request_id", None)
+    response = error_response(map_exception(exc, request_id), request)
+    # An unhandled error is answered outside the request id middleware, so the header is set here too.
+    if request_id is not None:
+        response.headers[REQUEST_ID_HEADER] = request_id
+    return response
 
 
 def install_error_handlers(app: FastAPI) -> None:

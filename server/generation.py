@@ -55,6 +55,7 @@ class PreparedGeneration:
     policy: Policy
     input_ids: list[int]
     params: SamplingParams | None  # None for a score, which samples nothing
+    tenant: str = "default"  # the caller's tenant, whose audit reads will see the record
 
     @property
     def withholding(self) -> bool:
@@ -79,7 +80,7 @@ class GenerationInput:
 
 
 async def prepare_generation(runtime: Runtime, request: Request, sampling: GenerationInput, metadata: dict[str, str],
-                             route_parameters: dict) -> PreparedGeneration:
+                             route_parameters: dict, tenant: str) -> PreparedGeneration:
     """Check the request against the limits, tokenize it and fix its seed; raise ApiError when it does not fit."""
     settings, model = runtime.settings, runtime.model
     created_at = datetime.now(timezone.utc)
@@ -89,6 +90,7 @@ async def prepare_generation(runtime: Runtime, request: Request, sampling: Gener
                        f"{settings.max_tokens_limit}; ask for fewer tokens", param=sampling.max_tokens_param,
                        code="invalid_value")
     input_ids = await run_in_threadpool(model.encode, sampling.prompt, sampling.messages)
+    check_prompt_length(runtime, len(input_ids), "prompt" if sampling.prompt is not None else "messages")
     context_length = model.base.context_length
     if max_tokens is None:
         # Left out: the server default, cut to what the context still holds.
@@ -111,15 +113,26 @@ async def prepare_generation(runtime: Runtime, request: Request, sampling: Gener
         parameters["top_logprobs"] = sampling.top_logprobs
     model_input = {"prompt": sampling.prompt} if sampling.prompt is not None else {"messages": sampling.messages}
     return PreparedGeneration(new_judgment_id(), request.state.request_id, created_at, "generation", model_input,
-                              metadata, parameters, policy, input_ids, params)
+                              metadata, parameters, policy, input_ids, params, tenant)
+
+
+def check_prompt_length(runtime: Runtime, prompt_tokens: int, param: str) -> None:
+    """Raise a 400 ApiError when the tokenized prompt is longer than max_prompt_tokens.
+
+    Unset, the limit is the context length, which the context check (PromptTooLongError) enforces.
+    """
+    limit = runtime.settings.max_prompt_tokens
+    if limit is not None and prompt_tokens > limit:
+        raise ApiError(400, f"{param} has {prompt_tokens} tokens after tokenization, above this server's limit of "
+                       f"{limit} prompt tokens (TRACEHEAD_MAX_PROMPT_TOKENS); shorten it", param=param, code="prompt_too_long")
 
 
 def prepare_score(request_id: str, created_at: datetime, body: ScoreRequest, messages: list[dict] | None,
-                  prompt_ids: list[int]) -> PreparedGeneration:
+                  prompt_ids: list[int], tenant: str = "default") -> PreparedGeneration:
     """Accept a request to judge a supplied response; nothing is sampled and no policy applies."""
     model_input = {"prompt": body.prompt} if body.prompt is not None else {"messages": messages}
     return PreparedGeneration(new_judgment_id(), request_id, created_at, "score", model_input, body.metadata or {},
-                              {"end_of_turn": body.end_of_turn}, {}, prompt_ids, None)
+                              {"end_of_turn": body.end_of_turn}, {}, prompt_ids, None, tenant)
 
 
 def trace_token_dict(trace: TokenTrace) -> dict:
@@ -137,7 +150,8 @@ def _record(model: ModelIdentity, prepared: PreparedGeneration, **fields) -> Jud
                 model_name=model.model.base.name, model_fingerprint=model.model.base.fingerprint,
                 heads_name=model.model.heads.config.name, heads_fingerprint=model.heads_fingerprint,
                 prompt=prepared.input, parameters=prepared.parameters | {"top_k_attention": model.model.top_k_attention},
-                prompt_tokens=len(prepared.input_ids), metadata=prepared.metadata, kind=prepared.kind)
+                prompt_tokens=len(prepared.input_ids), metadata=prepared.metadata, kind=prepared.kind,
+                tenant=prepared.tenant)
     return JudgmentRecord(**(base | fields))
 
 
@@ -183,14 +197,17 @@ def failed_record(runtime: ModelIdentity, prepared: PreparedGeneration) -> Judgm
 
 async def commit(runtime: Runtime, record: JudgmentRecord) -> JudgmentRecord:
     """Commit a one-shot record; only then may its output leave the server."""
-    await run_in_threadpool(runtime.store.save, record)
+    with runtime.metrics.audit_write("save"):
+        await run_in_threadpool(runtime.store.save, record)
+    runtime.metrics.observe_committed(record)
     logger.info("Request %s committed judgment %s (kind=%s, flagged=%s, finish=%s)", record.request_id, record.id,
-                record.kind, record.flagged, record.finish_reason)
+                record.kind, record.flagged, record.finish_reason, extra={"judgment_id": record.id})
     return record
 
 
 async def generate_once(runtime: Runtime, prepared: PreparedGeneration) -> JudgmentRecord:
     result = await runtime.worker.generate(prepared.request_id, prepared.input_ids, prepared.params)
+    runtime.metrics.observe_generation(result)
     return await commit(runtime, finished_record(runtime, prepared, result))
 
 
@@ -227,11 +244,13 @@ async def open_stream(runtime: Runtime, prepared: PreparedGeneration, request: R
     """
     stream = runtime.worker.stream(prepared.request_id, prepared.input_ids, prepared.params)
     try:
-        await run_in_threadpool(runtime.store.start, started_record(runtime, prepared))
+        with runtime.metrics.audit_write("start"):
+            await run_in_threadpool(runtime.store.start, started_record(runtime, prepared))
     except BaseException:
         stream.cancel()
         raise
-    logger.info("Request %s started streamed judgment %s", prepared.request_id, prepared.judgment_id)
+    logger.info("Request %s started streamed judgment %s", prepared.request_id, prepared.judgment_id,
+                extra={"judgment_id": prepared.judgment_id})
 
     items: asyncio.Queue[StreamItem | None] = asyncio.Queue()
     driver = asyncio.create_task(_drive(runtime, prepared, stream, items))
@@ -272,10 +291,12 @@ async def _drive(runtime: Runtime, prepared: PreparedGeneration, stream: TokenSt
         try:
             result = await stream.result()
         except Exception as exc:
-            logger.error("Request %s: generation of judgment %s failed", prepared.request_id, prepared.judgment_id)
+            logger.error("Request %s: generation of judgment %s failed", prepared.request_id, prepared.judgment_id,
+                         extra={"judgment_id": prepared.judgment_id})
             await _finish(runtime, failed_record(runtime, prepared))
             items.put_nowait(StreamError(map_exception(exc, prepared.request_id)))
             return
+        runtime.metrics.observe_generation(result)
         record = finished_record(runtime, prepared, result)
         await _finish(runtime, record)
         withheld = bool(record.policy and record.policy["withheld"])
@@ -286,8 +307,27 @@ async def _drive(runtime: Runtime, prepared: PreparedGeneration, stream: TokenSt
         items.put_nowait(None)
 
 
+async def shut_down(runtime: Runtime) -> None:
+    """Cancel the generations still running as the server stops, commit their records, then stop the worker.
+
+    uvicorn calls this after its grace period (shutdown_grace_s), so what still runs here has overrun it.
+    A cancelled stream's driver commits the cancelled record with the tokens so far; a non-streamed
+    request was already cut off by uvicorn, so it sent no output and leaves no record.
+    """
+    runtime.worker.cancel_all()
+    if _drivers:
+        _, pending = await asyncio.wait(set(_drivers), timeout=runtime.settings.shutdown_grace_s)
+        if pending:
+            logger.error("%d streamed judgments were not finished at shutdown and stay started", len(pending))
+    # Joining the worker thread blocks, and the event loop must stay free for any driver still committing.
+    await run_in_threadpool(runtime.close)
+    logger.info("tracehead stopped")
+
+
 async def _finish(runtime: Runtime, record: JudgmentRecord) -> None:
-    await run_in_threadpool(runtime.store.finish, record)
+    with runtime.metrics.audit_write("finish"):
+        await run_in_threadpool(runtime.store.finish, record)
+    runtime.metrics.observe_committed(record)
     logger.info("Request %s %s judgment %s (flagged=%s, finish=%s)", record.request_id,
                 "cancelled" if record.status == "cancelled" else "completed", record.id, record.flagged,
-                record.finish_reason)
+                record.finish_reason, extra={"judgment_id": record.id})

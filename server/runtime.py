@@ -13,11 +13,14 @@ from sqlalchemy import Engine
 from models.base import fetch_default_model, is_model_dir_complete, load_base_model
 from models.decode import ConstraintModel
 from models.heads import load_checkpoint
+from server.observability import Metrics
+from server.auth import KeySlots, log_auth_mode
 from server.policy import check_policy
 from server.settings import Settings
 from server.store import AuditStore, create_engine_for, upgrade_database
 from server.store.audit_log import IntegrityLog
 from server.store.integrity import load_or_create_key
+from server.store.keys import KeyStore
 from server.worker import GenerationWorker
 
 logger = logging.getLogger(__name__)
@@ -32,7 +35,13 @@ class Runtime:
     engine: Engine
     store: AuditStore
     integrity: IntegrityLog
+    keys: KeyStore
+    key_slots: KeySlots = field(default_factory=KeySlots)
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def __post_init__(self) -> None:
+        self.metrics.watch_worker(self.worker)
 
     def close(self) -> None:
         self.worker.stop()
@@ -63,6 +72,8 @@ def build_runtime(settings: Settings, model: ConstraintModel | None = None) -> R
     check_policy(settings.policy, model.constraints, "TRACEHEAD_POLICY")
     integrity = IntegrityLog(engine, load_or_create_key(settings.resolved_signing_key_file))
     integrity.append_missing_leaves()
+    keys = KeyStore(engine)
+    log_auth_mode(settings, keys)
     worker = GenerationWorker(model, settings.max_queue, settings.queue_retry_after_s)
     worker.start()
-    return Runtime(settings, model, model.heads.fingerprint(), worker, engine, AuditStore(engine), integrity)
+    return Runtime(settings, model, model.heads.fingerprint(), worker, engine, AuditStore(engine), integrity, keys)

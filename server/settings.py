@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.base import DEFAULT_MODEL_NAME
@@ -29,6 +30,14 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the HTTP server binds to.")
     port: int = Field(8000, ge=1, le=65535, description="TCP port of the HTTP server.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level of the server.")
+    log_format: Literal["text", "json"] = Field("text", description=(
+        "Log line format: text, or json with one object per line (time, level, logger, message, request_id, "
+        "judgment_id)."))
+    trusted_proxies: list[str] = Field(default_factory=list, description=(
+        "IP addresses or CIDR networks of proxies whose X-Forwarded-For, X-Forwarded-Proto and "
+        'X-Forwarded-Prefix headers, and gateway identity headers (gateway_*_header), are honoured, as JSON, '
+        'e.g. ["10.0.0.0/8"]; other peers\' are ignored.'))
+    root_path: str = Field("", description="URL prefix the app is served under, e.g. /tracehead; empty for none.")
 
     model: str = Field(DEFAULT_MODEL_NAME, description=(
         "Base model: the bundled default's name (fetched into cache_dir on first use), "
@@ -49,6 +58,14 @@ class Settings(BaseSettings):
     queue_retry_after_s: int = Field(2, ge=1, description="Retry-After seconds sent with a 429.")
     max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
     default_max_tokens: int = Field(128, ge=1, description="max_tokens when a request leaves it out.")
+    max_prompt_tokens: int | None = Field(None, ge=1, description=(
+        "Longest prompt in tokens (after the chat template) that a request may send; default the model's "
+        "context length."))
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1, description=(
+        "Largest request body in bytes; a larger one gets 413 before it is parsed."))
+    shutdown_grace_s: int = Field(30, ge=0, description=(
+        "Seconds that in-flight requests get to finish after SIGTERM; generations still running then are "
+        "cancelled."))
     top_k_attention: int = Field(5, ge=1, le=64, description="Attended positions kept per token and constraint.")
     signing_key_file: Path | None = Field(None, description=(
         "PEM Ed25519 private key that signs the integrity log's tree heads; default signing-key.pem in "
@@ -56,11 +73,39 @@ class Settings(BaseSettings):
     tree_head_interval_s: float = Field(60.0, gt=0, description="Seconds between signed tree heads while the log grows.")
     retention_days: int | None = Field(None, ge=1, description=(
         "`tracehead audit retain` erases the payloads of judgments older than this; unset keeps them."))
-    admin_token: str | None = Field(None, min_length=16, description=(
-        "Bearer token for the /v1/admin routes; unset disables them."))
+    mode: Literal["development", "production"] = Field("development", description=(
+        "production refuses unsafe settings, such as auth none."))
+    auth: Literal["keys", "none"] | None = Field(None, description=(
+        "keys: every request needs an API key (`tracehead keys create`) or a trusted gateway's identity; "
+        'none: every request acts as tenant "default" with every scope. Default: none in development, '
+        "keys in production."))
+    max_concurrent_per_key: int = Field(4, ge=1, description=(
+        "Requests one API key or gateway consumer may have in progress; more get 429."))
+    gateway_consumer_header: str = Field("X-Consumer-ID", description="Header with a trusted gateway's consumer id.")
+    gateway_tenant_header: str = Field("X-Tenant-ID", description="Header with that consumer's tenant.")
+    gateway_scopes_header: str = Field("X-Consumer-Scopes", description=(
+        "Header with that consumer's scopes, comma-separated, e.g. generate,audit:read."))
     policy: Policy = Field(default_factory=dict, description=(
         'Default constraint policy as JSON, e.g. {"reciprocity": {"min_score": 0.3, "action": "flag"}}; '
         "a request's policy replaces the rules of the constraints it names."))
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_trusted_proxies(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies entry {entry!r} is not an IP address or CIDR network, "
+                                 "e.g. 10.0.0.7 or 10.0.0.0/8") from None
+        return value
+
+    @field_validator("root_path")
+    @classmethod
+    def _check_root_path(cls, value: str) -> str:
+        if value and (not value.startswith("/") or value.endswith("/")):
+            raise ValueError(f"root_path must start with / and not end with one, e.g. /tracehead; got {value!r}")
+        return value
 
     @field_validator("device")
     @classmethod
@@ -68,6 +113,15 @@ class Settings(BaseSettings):
         if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
             return value
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> Settings:
+        if self.auth is None:
+            self.auth = "keys" if self.mode == "production" else "none"
+        if self.mode == "production" and self.auth == "none":
+            raise ValueError("TRACEHEAD_AUTH=none lets anyone call every route, so TRACEHEAD_MODE=production "
+                             "rejects it; set TRACEHEAD_AUTH=keys, or TRACEHEAD_MODE=development on a laptop")
+        return self
 
     @cached_property
     def torch_device(self) -> torch.device:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import queue
 import threading
@@ -27,6 +28,7 @@ class GenerationResult:
     queued_ms: float
     generation_ms: float
     stopped_by: ConstraintStop | None = None
+    token_times_s: list[float] = field(default_factory=list)  # per output token: seconds since it was queued
 
 
 @dataclass
@@ -44,7 +46,7 @@ class TokenEvent:
     text: str
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are tracked in a set, by identity
 class _Job:
     request_id: str
     task: Callable[["_Job"], GenerationResult]  # runs on the worker thread
@@ -52,6 +54,8 @@ class _Job:
     enqueued_at: float
     cancelled: threading.Event = field(default_factory=threading.Event)
     emit: Callable[[PromptEvent | TokenEvent], None] = lambda event: None  # called on the worker thread
+    # The request's context variables (its request id), so that the worker's log records carry them.
+    context: contextvars.Context = field(default_factory=contextvars.copy_context)
 
 
 class TokenStream:
@@ -93,6 +97,9 @@ class GenerationWorker:
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._run, name="generation-worker", daemon=True)
         self._stopping = False  # set by stop(); later requests are rejected instead of waiting forever
+        self._running = 0
+        self._jobs: set[_Job] = set()  # queued and running; cancel_all() reaches them here
+        self._jobs_lock = threading.Lock()
 
     def start(self) -> None:
         self._thread.start()
@@ -107,9 +114,29 @@ class GenerationWorker:
         self._thread.join(timeout_s)
         logger.info("Generation worker stopped")
 
+    def cancel_all(self) -> None:
+        """Reject new requests and make every queued or running generation stop before its next step.
+
+        Cancelled generations still finish with what they have (finish_reason "cancelled"), so their
+        streams end and their records can be committed.
+        """
+        self._stopping = True
+        with self._jobs_lock:
+            jobs = list(self._jobs)
+        for job in jobs:
+            job.cancelled.set()
+        if jobs:
+            logger.info("Cancelled %d queued or running generations: %s", len(jobs),
+                        ", ".join(job.request_id for job in jobs))
+
     @property
     def queue_depth(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def running_batch_size(self) -> int:
+        """Return the requests running now: 0 or 1, because the worker runs one request at a time."""
+        return self._running
 
     async def generate(self, request_id: str, input_ids: list[int], params: SamplingParams) -> GenerationResult:
         """Queue a generation and wait for it."""
@@ -151,17 +178,30 @@ class GenerationWorker:
         except queue.Full:
             logger.warning("Queue full, rejecting request %s", request_id)
             raise QueueFullError(self.max_queue, self.retry_after_s) from None
+        with self._jobs_lock:
+            self._jobs.add(job)
         return job
 
     def _run(self) -> None:
         while (job := self._queue.get()) is not None:
-            if not job.future.set_running_or_notify_cancel():
-                continue
             try:
-                job.future.set_result(job.task(job))
-            except Exception as exc:  # the error travels to the waiting request, which maps it
-                logger.exception("Generation failed for request %s", job.request_id)
-                job.future.set_exception(exc)
+                self._run_job(job)
+            finally:
+                with self._jobs_lock:
+                    self._jobs.discard(job)
+
+    def _run_job(self, job: _Job) -> None:
+        if not job.future.set_running_or_notify_cancel():
+            return
+        self._running = 1
+        try:
+            job.future.set_result(job.context.run(job.task, job))
+        except Exception as exc:  # the error travels to the waiting request, which maps it
+            logger.exception("Generation failed for request %s", job.request_id,
+                             extra={"request_id": job.request_id})
+            job.future.set_exception(exc)
+        finally:
+            self._running = 0
 
     def _generate(self, job: _Job, input_ids: list[int], params: SamplingParams) -> GenerationResult:
         started = time.perf_counter()
@@ -170,18 +210,20 @@ class GenerationWorker:
             session.cancel()
         else:
             job.emit(PromptEvent(session.prefill()))
+        token_times_s = []
         while not session.finished:
             if job.cancelled.is_set():
                 session.cancel()
                 break
             trace = session.step()
+            token_times_s.append(time.perf_counter() - job.enqueued_at)
             job.emit(TokenEvent(trace, session.take_text()))
         finished = time.perf_counter()
         logger.info("Request %s: %d prompt + %d output tokens in %.0f ms (%s)", job.request_id,
                     len(input_ids), len(session.output_ids), (finished - started) * 1000, session.finish_reason)
         return GenerationResult(session.prompt_trace, session.output_trace, session.text, session.finish_reason,
                                 session.seed, (started - job.enqueued_at) * 1000, (finished - started) * 1000,
-                                session.stopped_by)
+                                session.stopped_by, token_times_s)
 
     def _score(self, job: _Job, prompt_ids: list[int], output_ids: list[int]) -> GenerationResult:
         started = time.perf_counter()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from server.auth import AuditAdmin, AuditReader
 from server.dependencies import RuntimeDep
 from server.errors import ApiError
 from server.store.audit_log import JudgmentNotFoundError, ProofRangeError
@@ -18,21 +18,21 @@ router = APIRouter(tags=["audit"])
 
 
 @router.get("/v1/audit/public-key")
-async def public_key(runtime: RuntimeDep) -> dict:
+async def public_key(runtime: RuntimeDep, caller: AuditReader) -> dict:
     """Return the Ed25519 key that signs tree heads; auditors check saved heads with it."""
     signer = runtime.integrity.signer
     return {"algorithm": "Ed25519", "public_key": signer.public_key_bytes.hex(), "key_id": signer.key_id}
 
 
 @router.get("/v1/audit/tree-head")
-async def tree_head(runtime: RuntimeDep) -> dict:
+async def tree_head(runtime: RuntimeDep, caller: AuditReader) -> dict:
     """Return the latest signed tree head, signing a new one when the log has grown since the last."""
     head = await run_in_threadpool(runtime.integrity.tree_head)
     return head.as_dict() | {"algorithm": "Ed25519"}
 
 
 @router.get("/v1/audit/consistency")
-async def consistency(runtime: RuntimeDep, first: Annotated[int, Query(ge=1)],
+async def consistency(runtime: RuntimeDep, caller: AuditReader, first: Annotated[int, Query(ge=1)],
                       second: Annotated[int, Query(ge=1)]) -> dict:
     """RFC 6962 consistency proof between the trees of ``first`` and ``second`` leaves."""
     try:
@@ -43,12 +43,12 @@ async def consistency(runtime: RuntimeDep, first: Annotated[int, Query(ge=1)],
 
 
 @router.get("/v1/judgments/{judgment_id}/proof")
-async def inclusion_proof(judgment_id: str, runtime: RuntimeDep,
+async def inclusion_proof(judgment_id: str, runtime: RuntimeDep, caller: AuditReader,
                           tree_size: Annotated[int | None, Query(ge=1, description=(
                               "Size of the tree to prove inclusion in; default the current size."))] = None) -> dict:
     """RFC 6962 inclusion proof of the judgment's leaf, with the root it leads to."""
     try:
-        proof = await run_in_threadpool(runtime.integrity.inclusion_proof, judgment_id, tree_size)
+        proof = await run_in_threadpool(runtime.integrity.inclusion_proof, judgment_id, tree_size, caller.tenant)
         root = await run_in_threadpool(runtime.integrity.root_at, proof.tree_size)
     except JudgmentNotFoundError:
         raise _no_leaf(judgment_id) from None
@@ -67,12 +67,11 @@ class EraseRequest(BaseModel):
 
 
 @router.post("/v1/admin/judgments/{judgment_id}/erase")
-async def erase(judgment_id: str, body: EraseRequest, runtime: RuntimeDep,
-                authorization: Annotated[str | None, Header()] = None) -> dict:
+async def erase(judgment_id: str, body: EraseRequest, runtime: RuntimeDep, caller: AuditAdmin) -> dict:
     """Erase a judgment's prompt, output and trace; the record and its proof stay verifiable."""
-    _require_admin(runtime.settings.admin_token, authorization)
     try:
-        erasure = await run_in_threadpool(runtime.integrity.erase, judgment_id, body.erased_by, body.reason)
+        erasure = await run_in_threadpool(runtime.integrity.erase, judgment_id, body.erased_by, body.reason,
+                                          caller.tenant)
     except JudgmentNotFoundError:
         raise _no_leaf(judgment_id) from None
     except ValueError as exc:
@@ -86,12 +85,3 @@ def _no_leaf(judgment_id: str) -> ApiError:
     return ApiError(404, f"judgment {judgment_id[:80]!r} has no leaf in the integrity log: it does not exist or its "
                     "stream has not finished", type="not_found_error", param="judgment_id", code="judgment_not_found")
 
-
-def _require_admin(admin_token: str | None, authorization: str | None) -> None:
-    if admin_token is None:
-        raise ApiError(403, "admin routes are disabled on this server; set TRACEHEAD_ADMIN_TOKEN to enable them",
-                       type="permission_error", code="admin_disabled")
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), admin_token.encode()):
-        raise ApiError(401, "send the admin token as `Authorization: Bearer <TRACEHEAD_ADMIN_TOKEN>`",
-                       type="authentication_error", code="invalid_admin_token")

@@ -10,6 +10,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from models.decode import PromptTooLongError
+from server.auth import GenerateCaller
 from server.dependencies import RuntimeDep
 from server.generation import (
     GenerationInput,
@@ -17,6 +18,7 @@ from server.generation import (
     StreamEnd,
     StreamError,
     StreamItem,
+    check_prompt_length,
     commit,
     finished_record,
     generate_once,
@@ -39,12 +41,12 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # keep p
 @router.post("/v1/generate", response_model=GenerateResponse, response_model_exclude_unset=True, responses={
     200: {"description": "The judgment; with stream=true, server-sent events: prompt, token..., judgment "
                          "(or error)."}})
-async def generate(body: GenerateRequest, runtime: RuntimeDep, request: Request):
+async def generate(body: GenerateRequest, runtime: RuntimeDep, request: Request, caller: GenerateCaller):
     messages = [message.model_dump() for message in body.messages] if body.messages is not None else None
     sampling = GenerationInput(body.prompt, messages, body.max_tokens, body.temperature, body.top_p, body.seed,
                             body.stop or [], policy=body.policy)
     prepared = await prepare_generation(runtime, request, sampling, body.metadata or {},
-                                        {"endpoint": "generate", "stream": body.stream})
+                                        {"endpoint": "generate", "stream": body.stream}, caller.tenant)
     if not body.stream:
         return generation_body(await generate_once(runtime, prepared), body.include_trace)
     items = await open_stream(runtime, prepared, request)
@@ -80,17 +82,18 @@ def _native_event(item: StreamItem, prepared: PreparedGeneration, include_trace:
 
 
 @router.post("/v1/score", response_model=GenerateResponse, response_model_exclude_unset=True)
-async def score(body: ScoreRequest, runtime: RuntimeDep, request: Request) -> dict:
+async def score(body: ScoreRequest, runtime: RuntimeDep, request: Request, caller: GenerateCaller) -> dict:
     """Judge a supplied response to a prompt without generating; logged like any judgment."""
     created_at = datetime.now(timezone.utc)
     messages = [message.model_dump() for message in body.messages] if body.messages is not None else None
     prompt_ids, output_ids = await run_in_threadpool(runtime.model.encode_response, body.prompt, messages,
                                                      body.response, body.end_of_turn)
+    check_prompt_length(runtime, len(prompt_ids), "prompt" if body.prompt is not None else "messages")
     context_length = runtime.model.base.context_length
     if len(prompt_ids) + len(output_ids) > context_length:
         raise PromptTooLongError(len(prompt_ids), len(output_ids), context_length, supplied_response=True)
 
-    prepared = prepare_score(request.state.request_id, created_at, body, messages, prompt_ids)
+    prepared = prepare_score(request.state.request_id, created_at, body, messages, prompt_ids, caller.tenant)
     result = await runtime.worker.score(request.state.request_id, prompt_ids, output_ids)
     record = await commit(runtime, finished_record(runtime, prepared, result, output=body.response))
     return generation_body(record)

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from server.auth import AuditReader
 from server.dependencies import RuntimeDep
 from server.errors import ApiError
 from server.export import MEDIA_TYPES, export_lines
@@ -76,6 +77,7 @@ def _counted(records: Iterator[JudgmentRecord], request_id: str) -> Iterator[Jud
 
 def judgment_filters(
     runtime: RuntimeDep,
+    caller: AuditReader,
     since: Annotated[datetime | None, Query(description="Created at or after this time (ISO 8601 with zone).")] = None,
     until: Annotated[datetime | None, Query(description="Created before this time (ISO 8601 with zone).")] = None,
     constraint: Annotated[str | None, Query(description="Constraint that min_score, max_score and passed apply to.")] = None,
@@ -93,7 +95,10 @@ def judgment_filters(
     q: Annotated[str | None, Query(min_length=1, max_length=MAX_TEXT_SEARCH_LENGTH, description=(
         "Case-insensitive substring of the output or of the prompt as JSON text (key names included)."))] = None,
 ) -> JudgmentQuery:
-    """Check the filter parameters shared by the listing, the export and the stats, and build the query."""
+    """Check the filter parameters shared by the listing, the export and the stats, and build the query.
+
+    The query reads the caller's tenant only.
+    """
     known = runtime.model.constraints
     if constraint is not None and constraint not in known:
         raise ApiError(422, f"unknown constraint {constraint!r}; known: {', '.join(known)}", param="constraint",
@@ -112,7 +117,7 @@ def judgment_filters(
                        param="since", code="invalid_value")
     return JudgmentQuery(since=since, until=until, constraint=constraint, min_score=min_score, max_score=max_score,
                          passed=passed, flagged=flagged, kind=kind, status=status, model=model, heads=heads,
-                         metadata=_metadata_pairs(metadata or []), text=q)
+                         metadata=_metadata_pairs(metadata or []), text=q, tenant=caller.tenant)
 
 
 FiltersDep = Annotated[JudgmentQuery, Depends(judgment_filters)]
@@ -194,8 +199,9 @@ async def judgment_stats(runtime: RuntimeDep, filters: FiltersDep) -> dict:
 
 
 @router.get("/v1/judgments/{judgment_id}", response_model=JudgmentRecordResponse, response_model_exclude_unset=True)
-async def get_judgment(judgment_id: str, runtime: RuntimeDep) -> dict:
-    record = await run_in_threadpool(runtime.store.get, judgment_id)
+async def get_judgment(judgment_id: str, runtime: RuntimeDep, caller: AuditReader) -> dict:
+    # Another tenant's judgment gets the same 404 as an unknown id, so ids reveal nothing across tenants.
+    record = await run_in_threadpool(runtime.store.get, judgment_id, caller.tenant)
     if record is None:
         raise ApiError(404, f"judgment {judgment_id[:80]!r} not found; list judgments with GET /v1/judgments",
                        type="not_found_error", param="judgment_id", code="judgment_not_found")

@@ -7,6 +7,7 @@ import logging
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from server.auth import GenerateCaller, Principal
 from server.dependencies import RuntimeDep
 from server.errors import ApiError, error_body
 from server.generation import (
@@ -48,34 +49,37 @@ def served_model(runtime: Runtime) -> dict:
 
 
 @router.get("/v1/models")
-async def list_models(runtime: RuntimeDep) -> dict:
+async def list_models(runtime: RuntimeDep, caller: GenerateCaller) -> dict:
     """List the served base model with its head checkpoint."""
     return {"object": "list", "data": [served_model(runtime)]}
 
 
 @router.get("/v1/models/{model_id}")
-async def get_model(model_id: str, runtime: RuntimeDep) -> dict:
+async def get_model(model_id: str, runtime: RuntimeDep, caller: GenerateCaller) -> dict:
     _check_model(model_id, runtime)
     return served_model(runtime)
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, runtime: RuntimeDep, request: Request):
+async def chat_completions(body: ChatCompletionRequest, runtime: RuntimeDep, request: Request,
+                           caller: GenerateCaller):
     """OpenAI chat completion; the `tracehead` object carries the judgment and the trace."""
     max_tokens, max_tokens_param = body.token_limit
     sampling = _generation_input(body, None, [message.as_chat_message() for message in body.messages], max_tokens,
                               body.alternatives, max_tokens_param)
-    prepared = await _prepare(runtime, request, body, sampling, "chat.completions", logprobs=bool(body.logprobs))
+    prepared = await _prepare(runtime, request, caller, body, sampling, "chat.completions",
+                              logprobs=bool(body.logprobs))
     if not body.stream:
         return chat_completion_body(await generate_once(runtime, prepared), body)
     return await _stream(runtime, prepared, request, body)
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, runtime: RuntimeDep, request: Request):
+async def completions(body: CompletionRequest, runtime: RuntimeDep, request: Request, caller: GenerateCaller):
     """OpenAI (legacy) text completion of a raw prompt, with the `tracehead` object."""
     sampling = _generation_input(body, body.prompt_text, None, body.max_tokens, body.logprobs or 0, "max_tokens")
-    prepared = await _prepare(runtime, request, body, sampling, "completions", logprobs=body.logprobs is not None)
+    prepared = await _prepare(runtime, request, caller, body, sampling, "completions",
+                              logprobs=body.logprobs is not None)
     if not body.stream:
         return completion_body(await generate_once(runtime, prepared), body)
     return await _stream(runtime, prepared, request, body)
@@ -89,8 +93,8 @@ def _generation_input(body: OpenAIRequest, prompt: str | None, messages: list[di
                            top_logprobs=top_logprobs, policy=body.policy, max_tokens_param=max_tokens_param)
 
 
-async def _prepare(runtime: Runtime, request: Request, body: OpenAIRequest, sampling: GenerationInput, endpoint: str,
-                   logprobs: bool) -> PreparedGeneration:
+async def _prepare(runtime: Runtime, request: Request, caller: Principal, body: OpenAIRequest,
+                   sampling: GenerationInput, endpoint: str, logprobs: bool) -> PreparedGeneration:
     _check_model(body.model, runtime)
     body.check_combinations()
     if body.model_extra:
@@ -98,7 +102,7 @@ async def _prepare(runtime: Runtime, request: Request, body: OpenAIRequest, samp
     parameters = {"endpoint": endpoint, "stream": bool(body.stream), "logprobs": logprobs}
     if body.user is not None:
         parameters["user"] = body.user
-    return await prepare_generation(runtime, request, sampling, body.metadata or {}, parameters)
+    return await prepare_generation(runtime, request, sampling, body.metadata or {}, parameters, caller.tenant)
 
 
 def _check_model(model_id: str, runtime: Runtime) -> None:

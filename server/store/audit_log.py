@@ -84,11 +84,15 @@ class IntegrityLog:
         logger.info("Signed tree head at size %d (root %s)", head.tree_size, head.root_hash)
         return head
 
-    def inclusion_proof(self, judgment_id: str, tree_size: int | None = None) -> InclusionProof:
-        """Return the judgment's audit path in the tree of ``tree_size`` leaves (default: the current size)."""
+    def inclusion_proof(self, judgment_id: str, tree_size: int | None = None,
+                        tenant: str | None = None) -> InclusionProof:
+        """Return the judgment's audit path in the tree of ``tree_size`` leaves (default: the current size).
+
+        With ``tenant``, a judgment of another tenant raises JudgmentNotFoundError like an unknown id.
+        """
         with store_transaction(self._engine, f"prove judgment {judgment_id}") as session:
             leaf = session.scalar(select(IntegrityLeaf).where(IntegrityLeaf.judgment_id == judgment_id))
-            if leaf is None:
+            if leaf is None or not _in_tenant(session, judgment_id, tenant):
                 raise JudgmentNotFoundError(judgment_id)
             size = integrity.tree_size(session)
             tree_size = size if tree_size is None else tree_size
@@ -244,13 +248,16 @@ class IntegrityLog:
 
     # Erasure
 
-    def erase(self, judgment_id: str, erased_by: str, reason: str) -> ErasureRecord:
+    def erase(self, judgment_id: str, erased_by: str, reason: str, tenant: str | None = None) -> ErasureRecord:
         """Remove a finished judgment's prompt, output and trace, recording who, when and why.
 
-        The leaf keeps the payload's hash, so the judgment still verifies.
+        The leaf keeps the payload's hash, so the judgment still verifies. With
+        ``tenant``, a judgment of another tenant raises JudgmentNotFoundError like an unknown id.
         """
         erasure = ErasureRecord(judgment_id, datetime.now(timezone.utc), erased_by, reason)
         with store_transaction(self._engine, f"erase judgment {judgment_id}") as session:
+            if not _in_tenant(session, judgment_id, tenant):
+                raise JudgmentNotFoundError(judgment_id)
             self._erase_in(session, erasure)
         logger.info("Erased the payload of judgment %s (by %s: %s)", judgment_id, erased_by, reason)
         return erasure
@@ -292,3 +299,11 @@ class IntegrityLog:
                 break
         logger.info("Retention erased the payloads of %d judgments created before %s", erased, cutoff.isoformat())
         return erased
+
+
+def _in_tenant(session: Session, judgment_id: str, tenant: str | None) -> bool:
+    """Whether the judgment belongs to ``tenant``; always true when ``tenant`` is None."""
+    if tenant is None:
+        return True
+    stored = session.scalar(select(Judgment.tenant).where(Judgment.id == judgment_id))
+    return stored == tenant

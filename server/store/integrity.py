@@ -62,6 +62,8 @@ def payload_hash(record: JudgmentRecord) -> str:
 
 def record_hash(record: JudgmentRecord, payload_digest: str) -> str:
     """Hash everything stored about a judgment except the payload, which enters through its hash."""
+    # NOTE: the tenant is not hashed, because hash version 1 predates it. A changed tenant moves a
+    # judgment between tenants' audit reads without failing verify; covering it needs HASH_VERSION 2.
     fields = {
         "hash_version": HASH_VERSION, "id": record.id, "created_at": utc_iso(record.created_at),
         "completed_at": utc_iso(record.completed_at), "request_id": record.request_id,

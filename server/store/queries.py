@@ -134,6 +134,8 @@ def select_daily_stats(query: JudgmentQuery) -> Select:
 def judgment_conditions(query: JudgmentQuery) -> list[ColumnElement[bool]]:
     """Build the WHERE conditions of ``query``. Verdict conditions expect the constraint's verdict joined."""
     conditions: list[ColumnElement[bool]] = []
+    if query.tenant is not None:
+        conditions.append(Judgment.tenant == query.tenant)
     if query.since is not None:
         conditions.append(Judgment.created_at >= query.since)
     if query.until is not None:

@@ -89,6 +89,8 @@ class JudgmentRecord:
     kind: str = "generation"
     # The constraint policy applied to the request and its outcome, as a JSON object.
     policy: dict[str, Any] | None = None
+    # The tenant of the caller that made the request; "default" when the server runs without keys.
+    tenant: str = "default"
 
 
 @dataclass
@@ -118,6 +120,8 @@ class JudgmentQuery:
     text: str | None = None
     # "newest" or "oldest" first.
     order: str = "newest"
+    # Only this tenant's judgments; None reads every tenant (the CLI, which has database access anyway).
+    tenant: str | None = None
 
     def __post_init__(self) -> None:
         _require_aware(self.since, "since")
@@ -263,8 +267,8 @@ class AuditStore:
         self._run(f"finish judgment {record.id}", work)
         logger.debug("finished judgment %s as %s with %d verdicts", record.id, record.status, len(record.verdicts))
 
-    def get(self, judgment_id: str) -> JudgmentRecord | None:
-        """Return the judgment with its trace, or None if no judgment has that id.
+    def get(self, judgment_id: str, tenant: str | None = None) -> JudgmentRecord | None:
+        """Return the judgment with its trace, or None if no judgment has that id (in ``tenant``, when given).
 
         Verdicts come back sorted by constraint name.
         """
@@ -273,6 +277,8 @@ class AuditStore:
             .where(Judgment.id == judgment_id)
             .options(selectinload(Judgment.verdicts), selectinload(Judgment.trace))
         )
+        if tenant is not None:
+            statement = statement.where(Judgment.tenant == tenant)
         def work(session: Session) -> JudgmentRecord | None:
             row = session.scalars(statement).one_or_none()
             return None if row is None else _to_record(row, with_trace=True)

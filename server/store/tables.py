@@ -74,6 +74,7 @@ class Judgment(Base):
         Index(None, "status", "created_at"),
         Index(None, "model_name", "created_at"),
         Index(None, "heads_name", "created_at"),
+        Index(None, "tenant", "created_at"),
     )
 
     # UUIDv7 in canonical text form, so that ids sort by creation time.
@@ -104,6 +105,8 @@ class Judgment(Base):
     # The constraint policy applied to the request and its outcome. none_as_null
     # stores None as SQL NULL rather than the JSON text "null".
     policy: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    # The tenant of the API key (or gateway consumer) that made the request; audit reads see their own tenant only.
+    tenant: Mapped[str] = mapped_column(String(255), server_default="default")
 
     verdicts: Mapped[list["Verdict"]] = relationship(
         back_populates="judgment",
@@ -226,3 +229,22 @@ class Erasure(Base):
     erased_at: Mapped[datetime] = mapped_column(UTCDateTime())
     erased_by: Mapped[str] = mapped_column(String(255))
     reason: Mapped[str] = mapped_column(Text)
+
+
+class ApiKey(Base):
+    """An API key: its name, tenant and scopes, and the SHA-256 of its secret (the secret itself is never stored)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    tenant: Mapped[str] = mapped_column(String(255))
+    # A JSON list of scope names, e.g. ["generate", "audit:read"].
+    scopes: Mapped[list[str]] = mapped_column(JSON)
+    # Lowercase hex of SHA-256 over the secret, which is how a request's key is looked up.
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # The secret's first characters, so that `tracehead keys list` can show which key is which.
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # Set once by `tracehead keys revoke`; a revoked key authenticates nothing.
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -655,6 +655,7 @@ FUZZ_BODIES = [
     b'{"prompt": "hi", "seed": 99999999999999999999999999999}', b'{"prompt": "hi", "seed": 1.5}',
     b'{"prompt": "hi", "temperature": NaN}', b'{"prompt": "hi", "top_p": Infinity}',
     b'{"prompt": "hi", "temperature": -Infinity}', b'{"prompt": "hi", "temperature": "NaN"}',
+    b'{"prompt": "hi", "max_tokens": 4, "temperature": 1e-300}', b'{"prompt": "hi", "max_tokens": 4, "temperature": 5e-324}',
     b'{"prompt": "hi", "top_p": "nan"}', b'{"prompt": "hi", "max_tokens": "1e3"}',
     b'{"prompt": "\\ud800"}', b'{"prompt": "\\udfff\\ud800 tail"}',
     b'{"prompt": "hi", "max_tokens": 2, "stop": ["\\ud800"]}',

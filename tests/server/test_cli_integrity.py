@@ -131,3 +131,41 @@ def test_since_head_with_bad_signature(records, tmp_path, capsys):
 
     out = capsys.readouterr().out
     assert "the saved head at size 3 has an invalid signature for this key" in out
+
+
+@pytest.mark.parametrize("days", ["-1", "0", "soon"])
+def test_retain_rejects_periods_below_a_day(records, days, capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(["audit", "retain", "--days", days])
+
+    assert raised.value.code == 2
+    assert "--days must be" in capsys.readouterr().err
+    assert main(["audit", "verify"]) == 0
+    assert "(0 with erased payloads)" in capsys.readouterr().out
+
+
+def test_verify_elsewhere_needs_the_public_key(records, tmp_path, capsys):
+    public_key = load_or_create_key(Settings().resolved_signing_key_file).public_key_bytes.hex()
+    (tmp_path / "signing-key.pem").rename(tmp_path / "moved-key.pem")
+
+    assert main(["audit", "verify"]) == 2
+    assert "pass --public-key HEX" in capsys.readouterr().err
+    assert not (tmp_path / "signing-key.pem").exists()
+
+    assert main(["audit", "verify", "--public-key", public_key]) == 0
+    assert main(["audit", "verify", "--public-key", "abc"]) == 2
+    assert "--public-key must be 64 hex digits" in capsys.readouterr().err
+
+
+def test_since_head_reports_its_check_and_bad_files(records, tmp_path, capsys):
+    engine = create_engine_for(f"sqlite:///{tmp_path / 'tracehead.db'}")
+    head = IntegrityLog(engine, load_or_create_key(Settings().resolved_signing_key_file)).tree_head().as_dict()
+    engine.dispose()
+    good, bad = tmp_path / "head.json", tmp_path / "bad.json"
+    good.write_text(json.dumps(head))
+    bad.write_text("not json")
+
+    assert main(["audit", "verify", "--since-head", str(good)]) == 0
+    assert "saved head at size 3: signature valid, and today's log extends it" in capsys.readouterr().out
+    assert main(["audit", "verify", "--since-head", str(bad)]) == 2
+    assert "not a tree head saved from GET /v1/audit/tree-head" in capsys.readouterr().err

@@ -8,7 +8,7 @@ from server.store.db import _alembic_config, run_migrations
 from server.store.tables import Base
 
 STORE_TABLES = {"judgments", "verdicts", "traces", "integrity_leaves", "merkle_nodes", "integrity_state",
-                "tree_heads", "erasures"}
+                "tree_heads", "erasures", "api_keys"}
 COMPLETION_COLUMNS = ("completed_at", "finish_reason", "latency_ms")
 
 
@@ -25,7 +25,7 @@ def downgrade_to_base(engine: Engine) -> None:
 
 
 def test_head_revision_is_latest():
-    assert head_revision() == "0005"
+    assert head_revision() == "0006"
 
 
 def test_new_database_has_no_revision(engine):
@@ -60,6 +60,7 @@ def test_upgrade_creates_named_indexes(engine):
         "ix_judgments_status_created_at": ["status", "created_at"],
         "ix_judgments_model_name_created_at": ["model_name", "created_at"],
         "ix_judgments_heads_name_created_at": ["heads_name", "created_at"],
+        "ix_judgments_tenant_created_at": ["tenant", "created_at"],
     }
     assert verdict_indexes == {
         "ix_verdicts_constraint_score": ["constraint", "score"],
@@ -233,3 +234,26 @@ def test_query_index_migration_downgrades(engine):
     assert "ix_verdicts_constraint_passed_judgment_id" not in index_names(engine, "verdicts")
     assert "ix_judgments_model_name_created_at" not in index_names(engine, "judgments")
     assert "ix_judgments_heads_name_created_at" not in index_names(engine, "judgments")
+
+
+def test_tenant_migration_keeps_judgments_in_default(engine):
+    migrate(engine, command.upgrade, "0005")
+    with engine.begin() as connection:
+        insert_judgment(connection, "01a2435b-0000-7000-8000-000000000001")
+
+    upgrade_database(engine)
+
+    with engine.connect() as connection:
+        tenants = connection.execute(text("SELECT tenant FROM judgments")).scalars().all()
+    assert tenants == ["default"]
+    assert "ix_judgments_tenant_created_at" in index_names(engine, "judgments")
+
+
+def test_tenant_migration_downgrades(engine):
+    upgrade_database(engine)
+
+    migrate(engine, command.downgrade, "0005")
+
+    assert "api_keys" not in table_names(engine)
+    assert "tenant" not in {column["name"] for column in inspect(engine).get_columns("judgments")}
+    assert "ix_judgments_tenant_created_at" not in index_names(engine, "judgments")
