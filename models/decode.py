@@ -49,7 +49,7 @@ class SamplingParams:
 
 @dataclass
 class ConstraintStop:
-    """Where a constraint's score first fell below its minimum and ended the generation."""
+    """The point where a constraint's score first fell below its minimum and ended the generation."""
 
     constraint: str
     position: int  # sequence position of the token that fell below

@@ -60,7 +60,10 @@ def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
 
     key_given = args.public_key is not None
     log = _integrity_log(settings, with_key=not key_given)
-    public_key = _public_key(args.public_key) if key_given else (log.signer.public_key_bytes if log.signer else None)
+    if key_given:
+        public_key = _public_key(args.public_key)
+    else:
+        public_key = log.signer.public_key_bytes if log.signer else None
     if public_key is None:
         raise ValueError(f"no public key to check tree heads with: {settings.resolved_signing_key_file} does not "
                          "exist here; pass --public-key HEX (from GET /v1/audit/public-key)")

@@ -38,7 +38,7 @@ class QueueFullError(ApiError):
                          headers={"Retry-After": str(retry_after_s)})
 
 
-# OpenAI's API answers an invalid request with 400 where this project's own routes use 422;
+# OpenAI's API returns 400 for an invalid request where this project's own routes use 422;
 # OpenAI clients map the status to their exception classes, so these routes follow OpenAI.
 OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 

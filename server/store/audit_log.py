@@ -302,7 +302,7 @@ class IntegrityLog:
 
 
 def _in_tenant(session: Session, judgment_id: str, tenant: str | None) -> bool:
-    """Whether the judgment belongs to ``tenant``; always true when ``tenant`` is None."""
+    """Return whether the judgment belongs to ``tenant``; always true when ``tenant`` is None."""
     if tenant is None:
         return True
     stored = session.scalar(select(Judgment.tenant).where(Judgment.id == judgment_id))

@@ -8,7 +8,7 @@ proof still verifies.
 
 Appends take a row lock on ``integrity_state`` (an UPDATE of its one row), so
 writers in several processes on one PostgreSQL database get consecutive leaf
-indexes without gaps or duplicates; on SQLite the UPDATE takes the database's
+indexes without gaps or duplicates. On SQLite the UPDATE takes the database's
 write lock, with the same effect.
 """
 

@@ -221,7 +221,7 @@ class TreeHead(Base):
 
 
 class Erasure(Base):
-    """Who erased a judgment's payload, when and why; the leaf stays verifiable through payload_hash."""
+    """The record of an erased payload: who erased it, when and why. The leaf stays verifiable through payload_hash."""
 
     __tablename__ = "erasures"
 

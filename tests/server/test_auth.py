@@ -264,7 +264,9 @@ def test_key_lifecycle_through_cli(tmp_path, tiny_model, capsys, monkeypatch):
     assert created.count(secret) == 1
     assert secret not in listed
     assert secret[:11] + "..." in listed
-    assert "billing" in listed and "acme" in listed and "generate,audit:read" in listed
+    assert "billing" in listed
+    assert "acme" in listed
+    assert "generate,audit:read" in listed
     with TestClient(create_app(keyed_settings(tmp_path), tiny_model)) as client:
         assert client.get("/v1/models", headers=bearer(secret)).status_code == 200
         revoked = run_cli(capsys, "keys", "revoke", key_id)
