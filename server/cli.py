@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from server.keys_cli import add_keys_commands
+from pydantic import ValidationError
+
 from server.settings import Settings
 
 if TYPE_CHECKING:
@@ -184,8 +186,6 @@ def cmd_score(args: argparse.Namespace, settings: Settings) -> int:
     from server.schemas import ScoreRequest
     from server.store import AuditStore, create_engine_for, upgrade_database
     from server.worker import GenerationResult
-
-    from pydantic import ValidationError
 
     messages = json.loads(Path(args.messages).read_text()) if args.messages else None
     try:
@@ -444,7 +444,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        # One line per invalid setting, without the received values, which may be secrets.
+        for error in exc.errors():
+            name = "TRACEHEAD_" + "_".join(str(part) for part in error["loc"]).upper() if error["loc"] else "settings"
+            print(f"error: {name}: {error['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        return 2
     _configure_logging(settings.log_level, settings.log_format)
     try:
         return args.handler(args, settings)

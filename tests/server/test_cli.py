@@ -41,3 +41,16 @@ def test_models_fetch_reports_present_model(tmp_path, capsys):
     assert main(["models", "fetch", "--cache-dir", str(tmp_path)]) == 0
 
     assert "already present" in capsys.readouterr().out
+
+
+def test_invalid_setting_prints_one_line_without_its_value(monkeypatch, capsys):
+    monkeypatch.setenv("TRACEHEAD_MODE", "production")
+    monkeypatch.setenv("TRACEHEAD_AUTH", "none")
+    monkeypatch.setenv("TRACEHEAD_PORT", "not-a-port")
+
+    assert main(["db", "upgrade"]) == 2
+
+    err = capsys.readouterr().err
+    assert "error: TRACEHEAD_PORT: Input should be a valid integer" in err
+    assert "not-a-port" not in err
+    assert "Traceback" not in err
