@@ -206,9 +206,33 @@ async def commit(runtime: Runtime, record: JudgmentRecord) -> JudgmentRecord:
 
 
 async def generate_once(runtime: Runtime, prepared: PreparedGeneration) -> JudgmentRecord:
-    result = await runtime.worker.generate(prepared.request_id, prepared.input_ids, prepared.params)
+    generation = asyncio.ensure_future(runtime.worker.generate(prepared.request_id, prepared.input_ids,
+                                                               prepared.params))
+    try:
+        result = await asyncio.shield(generation)
+    except asyncio.CancelledError:
+        # The request was cut off (uvicorn does so at the end of the shutdown grace period). The
+        # generation goes on, or is cancelled by shut_down(), and its record is committed all the same.
+        _keep(asyncio.create_task(_commit_when_done(runtime, prepared, generation)))
+        raise
     runtime.metrics.observe_generation(result)
     return await commit(runtime, finished_record(runtime, prepared, result))
+
+
+async def _commit_when_done(runtime: Runtime, prepared: PreparedGeneration, generation: asyncio.Future) -> None:
+    try:
+        record = await commit(runtime, finished_record(runtime, prepared, await generation))
+    except Exception:
+        logger.exception("Request %s: the record of a cut-off generation was not committed", prepared.request_id)
+        return
+    logger.info("Request %s was cut off; its judgment %s is committed as %s", prepared.request_id, record.id,
+                record.status, extra={"judgment_id": record.id})
+
+
+def _keep(task: asyncio.Task) -> None:
+    """Hold a background task until it ends, so that shut_down() can wait for it."""
+    _drivers.add(task)
+    task.add_done_callback(_drivers.discard)
 
 
 # Streaming
@@ -254,8 +278,7 @@ async def open_stream(runtime: Runtime, prepared: PreparedGeneration, request: R
 
     items: asyncio.Queue[StreamItem | None] = asyncio.Queue()
     driver = asyncio.create_task(_drive(runtime, prepared, stream, items))
-    _drivers.add(driver)
-    driver.add_done_callback(_drivers.discard)
+    _keep(driver)
     watcher = asyncio.create_task(_cancel_on_disconnect(request, stream, prepared))
     return _relay(items, stream, watcher)
 
@@ -311,8 +334,8 @@ async def shut_down(runtime: Runtime) -> None:
     """Cancel the generations still running as the server stops, commit their records, then stop the worker.
 
     uvicorn calls this after its grace period (shutdown_grace_s), so what still runs here has overrun it.
-    A cancelled stream's driver commits the cancelled record with the tokens so far; a non-streamed
-    request was already cut off by uvicorn, so it sent no output and leaves no record.
+    A cancelled stream's driver commits the cancelled record with the tokens so far. A non-streamed
+    request was already cut off by uvicorn and sent no output; its record is committed the same way.
     """
     runtime.worker.cancel_all()
     if _drivers:

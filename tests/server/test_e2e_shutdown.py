@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.store import AuditStore, JudgmentRecord, create_engine_for
+from server.store import AuditStore, JudgmentQuery, JudgmentRecord, create_engine_for
 from tests.server.helpers import free_port, start_server
 
 pytestmark = pytest.mark.e2e
@@ -118,3 +118,29 @@ def test_sigterm_after_short_grace_cancels_stream_with_partial_tokens(default_mo
     assert record.finish_reason == "cancelled"
     assert names.count("token") <= record.completion_tokens < COUNTING["max_tokens"]
     assert len(record.trace["output_tokens"]) == record.completion_tokens
+
+
+def test_sigterm_after_short_grace_commits_cut_off_request(default_model_path, tmp_path):
+    port = free_port()
+    server = start_server(tmp_path, port, TRACEHEAD_SHUTDOWN_GRACE_S="1")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(httpx.post, f"{url}/v1/generate", json=COUNTING, timeout=120)
+            time.sleep(3)  # the generation is decoding by now, and needs longer than the grace period
+            server.send_signal(signal.SIGTERM)
+            response = pending.result()
+        returncode = server.wait(EXIT_TIMEOUT_S)
+    finally:
+        server.kill()
+        server.wait()
+
+    assert response.status_code == 500  # uvicorn's own answer to a request it cut off
+    assert returncode == 0
+    engine = create_engine_for(f"sqlite:///{tmp_path / 'tracehead.db'}")
+    try:
+        [record] = AuditStore(engine).list(JudgmentQuery(), 10, None).items
+    finally:
+        engine.dispose()
+    assert record.status == "cancelled"
+    assert 0 < record.completion_tokens < COUNTING["max_tokens"]
