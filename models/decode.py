@@ -181,7 +181,7 @@ class DecodeSession:
         self._detokenizer = IncrementalDetokenizer(model.base.tokenizer)
         self._special_ids = set(model.base.tokenizer.all_special_ids)
         self._visible = ""  # output text without special tokens, before stop truncation
-        self._taken = 0  # characters of text already handed out by take_text()
+        self._text_taken = 0  # characters of text already handed out by take_text()
         self._past_key_values = None
         self._heads_cache: HeadsCache | None = None
         self._next_logits: torch.Tensor | None = None
@@ -291,7 +291,7 @@ class DecodeSession:
             final = self.text
         else:
             final = self._visible[:len(self._visible) - _stop_prefix_length(self._visible, self.params.stop)]
-        new, self._taken = final[self._taken:], max(self._taken, len(final))
+        new, self._text_taken = final[self._text_taken:], max(self._text_taken, len(final))
         return new
 
     def run(self) -> list[TokenTrace]:

@@ -143,7 +143,7 @@ def _unauthenticated(message: str, code: str) -> ApiError:
 
 
 def require_scope(scope: str) -> Callable[..., AsyncIterator[Principal]]:
-    """Build the dependency that authenticates a request, checks ``scope`` and holds a per-key slot.
+    """Build the dependency that authenticates a request, checks ``scope`` and takes a per-key slot.
 
     The slot is released after the response is sent, streamed ones included,
     because FastAPI runs the code after ``yield`` then.

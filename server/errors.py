@@ -104,7 +104,7 @@ def map_exception(exc: Exception, request_id: str | None) -> ApiError:
 async def _handle(request: Request, exc: Exception) -> JSONResponse:
     request_id = getattr(request.state, "request_id", None)
     response = error_response(map_exception(exc, request_id), request)
-    # An unhandled error is answered outside the request id middleware, so the header is set here too.
+    # The response to an unhandled error is sent outside the request id middleware, so the header is set here too.
     if request_id is not None:
         response.headers[REQUEST_ID_HEADER] = request_id
     return response

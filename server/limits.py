@@ -22,7 +22,7 @@ class BodySizeLimitMiddleware:
 
     A declared Content-Length is checked before anything is read. A chunked body
     is read here in full, counting bytes, and replayed to the app only if it fits,
-    so no route sees a partial body. Routes read the whole body anyway before
+    so no route reads a partial body. Routes read the whole body anyway before
     parsing JSON, so buffering here costs no extra memory.
     """
 

@@ -108,7 +108,7 @@ def test_sigterm_during_stream_completes_its_record(default_model_path, tmp_path
     assert record.completion_tokens == names.count("token")
 
 
-def test_sigterm_after_short_grace_cancels_stream_with_partial_tokens(default_model_path, tmp_path):
+def test_short_grace_cancels_stream(default_model_path, tmp_path):
     judgment_id, names, returncode = stream_on_new_server(tmp_path, TRACEHEAD_SHUTDOWN_GRACE_S="1")
 
     assert returncode == 0
@@ -135,7 +135,7 @@ def test_sigterm_after_short_grace_commits_cut_off_request(default_model_path, t
         server.kill()
         server.wait()
 
-    assert response.status_code == 500  # uvicorn's own answer to a request it cut off
+    assert response.status_code == 500  # uvicorn's own response to a request it cut off
     assert returncode == 0
     engine = create_engine_for(f"sqlite:///{tmp_path / 'tracehead.db'}")
     try:

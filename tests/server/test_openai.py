@@ -316,7 +316,7 @@ def test_withhold_policy_in_stream_sends_no_text(client):
     assert parsed[-1]["choices"][0]["finish_reason"] == "constraint"
 
 
-def test_withhold_policy_in_stream_releases_text_when_not_triggered(client):
+def test_untriggered_withhold_releases_text(client):
     chunks = stream_chunks(client, "/v1/chat/completions", {
         "model": MODEL, "messages": MESSAGES, "max_tokens": 6, "seed": 1, "stream": True,
         "policy": {"decidability": {"min_score": 0.0, "action": "withhold"}}})
