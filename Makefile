@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build on this disk; for CUDA, install torch from PyTorch's CUDA index first (see README).
 TORCH ?= torch==2.13.0
 
-.PHONY: setup run test fetch
+.PHONY: setup run test fetch bench
 
 setup: $(VENV)/.installed
 
@@ -23,3 +23,8 @@ run: fetch
 
 test: fetch
 	$(BIN)/python -m pytest
+
+# The serving benchmark (about 4 minutes on 2 cores): prints a table, writes docs/benchmarks.json and
+# the results section of docs/benchmarks.md.
+bench: fetch
+	$(BIN)/python benchmarks/serving.py

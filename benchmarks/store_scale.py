@@ -44,24 +44,31 @@ REPEATS = 5
 START = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
-def synthetic_record(number: int, rng: random.Random) -> JudgmentRecord:
-    """Build one judgment as the server stores it, created `number` seconds after START (11.6 days per million)."""
+def synthetic_record(number: int, rng: random.Random, trace_tokens: int = TRACE_TOKENS,
+                     attention_pairs: int = 1) -> JudgmentRecord:
+    """Build one judgment as the server stores it, created `number` seconds after START (11.6 days per million).
+
+    The trace has ``trace_tokens`` output tokens, each with ``attention_pairs``
+    attended (position, weight) pairs per constraint. The server keeps five
+    (the top_k_attention setting).
+    """
     created_at = START + timedelta(seconds=number)
     scores = {name: rng.random() for name in CONSTRAINTS}
-    verdicts = [VerdictRecord(name, score, score * rng.random(), 40 + rng.randrange(TRACE_TOKENS), 0.5, score >= 0.5)
+    verdicts = [VerdictRecord(name, score, score * rng.random(), 40 + rng.randrange(trace_tokens), 0.5, score >= 0.5)
                 for name, score in scores.items()]
     tokens = [{"position": 40 + i, "token_id": rng.randrange(49152), "text": f" w{i}", "logprob": -rng.random(),
                "scores": {name: rng.random() for name in CONSTRAINTS},
-               "attention": {name: [[rng.randrange(40 + i + 1), 0.5]] for name in CONSTRAINTS}}
-              for i in range(TRACE_TOKENS)]
+               "attention": {name: [[rng.randrange(40 + i + 1), rng.random()] for _ in range(attention_pairs)]
+                             for name in CONSTRAINTS}}
+              for i in range(trace_tokens)]
     return JudgmentRecord(
         id=str(uuid.UUID(int=(int(created_at.timestamp() * 1000) << 80) | (0x7 << 76) | (0b10 << 62) | number)),
         created_at=created_at, completed_at=created_at + timedelta(milliseconds=300), request_id=f"req-{number}",
         model_name=MODELS[number % len(MODELS)], model_fingerprint="sha256:" + "a" * 64,
         heads_name="tracehead-smollm2-135m-v2", heads_fingerprint="sha256:" + "b" * 64,
         prompt={"messages": [{"role": "user", "content": f"Question number {number}?"}]},
-        output=" ".join(token["text"] for token in tokens), parameters={"max_tokens": TRACE_TOKENS, "seed": number},
-        finish_reason="length", status="completed", prompt_tokens=40, completion_tokens=TRACE_TOKENS,
+        output=" ".join(token["text"] for token in tokens), parameters={"max_tokens": trace_tokens, "seed": number},
+        finish_reason="length", status="completed", prompt_tokens=40, completion_tokens=trace_tokens,
         latency_ms=300.0, flagged=any(not v.passed for v in verdicts), metadata={"tenant": TENANTS[number % 20]},
         verdicts=verdicts,
         trace={"constraints": CONSTRAINTS, "prompt_tokens": [], "output_tokens": tokens}, kind="generation")

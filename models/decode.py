@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from models.base import BaseModel
-from models.heads import ConstraintHeads, HeadsCache
+from models.heads import ConstraintHeads
+from models.runner import make_runner
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ class ConstraintModel:
         self.heads = heads.to(base.device)
         self.top_k_attention = top_k_attention
         self.eos_token_ids = base.eos_token_ids()
+        self.runner = make_runner(base, heads.config.tap_layers)
+        self.heads_qkv = heads.fused_qkv()
 
     @property
     def constraints(self) -> list[str]:
@@ -114,12 +117,11 @@ class ConstraintModel:
             raise ValueError("nothing to score: the response has no tokens")
         if len(prompt_ids) + len(output_ids) > self.base.context_length:
             raise PromptTooLongError(len(prompt_ids), len(output_ids), self.base.context_length, supplied_response=True)
-        sequence = torch.tensor([prompt_ids + output_ids], device=self.base.device)
         # Logits at position i predict token i + 1, so one more than the output is kept.
-        outputs = self.base.model(input_ids=sequence, output_hidden_states=True, logits_to_keep=len(output_ids) + 1)
-        logprobs = torch.log_softmax(outputs.logits[0, :-1].float(), dim=-1)
+        prefilled = self.runner.prefill(prompt_ids + output_ids, logits_to_keep=len(output_ids) + 1)
+        logprobs = torch.log_softmax(prefilled.logits[:-1], dim=-1)
         output_logprobs = logprobs[torch.arange(len(output_ids)), torch.tensor(output_ids)].tolist()
-        heads_out = self.heads(self.heads.select_hidden_states(outputs.hidden_states).to(self.heads.readout_bias.dtype))
+        heads_out = self.heads(prefilled.tap_hidden_states.to(self.heads.readout_bias.dtype))
 
         logits, weights = heads_out.constraint_logits[0], heads_out.attention_weights[0]
         prompt_pieces = IncrementalDetokenizer(self.base.tokenizer)
@@ -130,6 +132,9 @@ class ConstraintModel:
         output_trace = self.trace_tokens(split, output_ids, [output_pieces.push(t) for t in output_ids],
                                          output_logprobs, logits[split:], weights[:, split:])
         return prompt_trace, output_trace
+
+    def new_batch(self) -> "DecodeBatch":
+        return DecodeBatch(self)
 
     def start(self, input_ids: list[int], params: SamplingParams) -> "DecodeSession":
         if len(input_ids) + params.max_tokens > self.base.context_length:
@@ -163,8 +168,35 @@ class ConstraintModel:
         return traces
 
 
+    def trace_rows(self, positions: list[int], token_ids: list[int], logprobs: list[float],
+                   constraint_logits: torch.Tensor, attention_weights: torch.Tensor) -> list[TokenTrace]:
+        """Token traces of one decode step, one per row, with their text left for the session to fill.
+
+        Args:
+            constraint_logits: (B, C) of each row's new token.
+            attention_weights: (B, C, L) each constraint's attention over the first L positions.
+        """
+        scores = torch.sigmoid(constraint_logits.float()).tolist()
+        k = min(self.top_k_attention, attention_weights.shape[-1])
+        top_weights, top_positions = attention_weights.float().topk(k, dim=-1)  # (B, C, k)
+        top_weights, top_positions = top_weights.tolist(), top_positions.tolist()
+        traces = []
+        for row, (position, token_id) in enumerate(zip(positions, token_ids)):
+            visible = min(k, position + 1)  # a token attends only to itself and earlier ones
+            attention = {constraint: list(zip(top_positions[row][c][:visible], top_weights[row][c][:visible]))
+                         for c, constraint in enumerate(self.constraints)}
+            traces.append(TokenTrace(position, token_id, "", logprobs[row],
+                                     dict(zip(self.constraints, scores[row])), attention))
+        return traces
+
+
 class DecodeSession:
-    """One request's decoding state: KV caches, sampler, text and stop handling."""
+    """One request's decoding state: sampler, text and stop handling.
+
+    Its caches live in the DecodeBatch that runs it. ``prefill``, ``step``
+    and ``run`` decode it alone, in a batch of its own; the worker adds it to
+    a shared batch instead.
+    """
 
     def __init__(self, model: ConstraintModel, input_ids: list[int], params: SamplingParams):
         self.model = model
@@ -182,67 +214,38 @@ class DecodeSession:
         self._special_ids = set(model.base.tokenizer.all_special_ids)
         self._visible = ""  # output text without special tokens, before stop truncation
         self._text_taken = 0  # characters of text already handed out by take_text()
-        self._past_key_values = None
-        self._heads_cache: HeadsCache | None = None
-        self._next_logits: torch.Tensor | None = None
+        self._next_logits: torch.Tensor | None = None  # (vocab,) float32, set by the batch
+        self._solo: DecodeBatch | None = None  # the batch of its own that prefill() starts
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    @torch.inference_mode()
+    @property
+    def length(self) -> int:
+        """Tokens in the sequence so far, prompt and output."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
     def prefill(self) -> list[TokenTrace]:
-        """Run the prompt through the base model and the heads; return the prompt's trace."""
-        input_ids = torch.tensor([self.prompt_ids], device=self.model.base.device)
-        outputs = self.model.base.model(input_ids=input_ids, use_cache=True, output_hidden_states=True,
-                                        logits_to_keep=1)
-        self._past_key_values = outputs.cache
-        self._next_logits = outputs.logits[0, -1].float()
-        heads_out = self._run_heads(outputs.hidden_states)
+        """Run the prompt in a batch of its own; return the prompt's trace."""
+        self._solo = self.model.new_batch()
+        return self._solo.add(self)
 
-        prompt_detokenizer = IncrementalDetokenizer(self.model.base.tokenizer)
-        pieces = [prompt_detokenizer.push(token_id) for token_id in self.prompt_ids]
-        self.prompt_trace = self.model.trace_tokens(0, self.prompt_ids, pieces, [None] * len(self.prompt_ids),
-                                                    heads_out.constraint_logits[0], heads_out.attention_weights[0])
-        return self.prompt_trace
-
-    def _run_heads(self, hidden_states: tuple[torch.Tensor, ...]):
-        tap = self.model.heads.select_hidden_states(hidden_states).to(self.model.heads.readout_bias.dtype)
-        heads_out = self.model.heads(tap, cache=self._heads_cache)
-        self._heads_cache = heads_out.cache
-        return heads_out
-
-    @torch.inference_mode()
     def step(self) -> TokenTrace:
-        """Sample the next token, run it through both models, and return its trace."""
-        if self._next_logits is None:
+        """Decode one token in the session's own batch and return its trace."""
+        if self._solo is None:
             self.prefill()
-        token_id, logprob, alternatives = self._sample(self._next_logits)
-        position = len(self.prompt_ids) + len(self.output_ids)
-        self.output_ids.append(token_id)
-        piece = self._append_text(token_id)
+        return self._solo.step()[0][1]
 
-        outputs = self.model.base.model(input_ids=torch.tensor([[token_id]], device=self.model.base.device),
-                                        cache=self._past_key_values, use_cache=True,
-                                        output_hidden_states=True)
-        self._past_key_values = outputs.cache
-        self._next_logits = outputs.logits[0, -1].float()
-        heads_out = self._run_heads(outputs.hidden_states)
-        trace = self.model.trace_tokens(position, [token_id], [piece], [logprob],
-                                        heads_out.constraint_logits[0], heads_out.attention_weights[0])[0]
-        trace.top_logprobs = alternatives
-        self.output_trace.append(trace)
-        self._update_finish_reason(token_id, trace)
-        return trace
-
-    def _sample(self, logits: torch.Tensor) -> tuple[int, float, list[tuple[int, str, float]] | None]:
-        """Return the sampled token id, its logprob and, if requested, the most likely alternatives."""
-        logprobs = torch.log_softmax(logits, dim=-1)
-        scaled_logits = logits / self.params.temperature if self.params.temperature > 0 else None
+    def sample(self, logprobs: torch.Tensor, greedy_id: int) -> tuple[int, list[tuple[int, str, float]] | None]:
+        """Pick the next token from its logprobs (vocab,), whose argmax is ``greedy_id``; return it and,
+        if requested, the likeliest ones."""
+        temperature = self.params.temperature
+        scaled_logits = self._next_logits / temperature if temperature > 0 else None
         # A temperature near 0 (such as 1e-300) overflows the scaled logits to inf, and softmax then
         # gives NaN; sampling at such a temperature is greedy decoding in the limit.
         if scaled_logits is None or not torch.isfinite(scaled_logits).all():
-            token_id = int(torch.argmax(logits))
+            token_id = greedy_id
         else:
             probs = torch.softmax(scaled_logits, dim=-1)
             if self.params.top_p < 1.0:
@@ -254,13 +257,17 @@ class DecodeSession:
             decode = self.model.base.tokenizer.decode
             alternatives = [(token, decode([token]), value) for token, value in zip(top_ids.tolist(),
                                                                                     top_values.tolist())]
-        return token_id, float(logprobs[token_id]), alternatives
+        return token_id, alternatives
 
-    def _append_text(self, token_id: int) -> str:
-        piece = self._detokenizer.push(token_id)
-        if token_id not in self._special_ids:
+    def accept(self, trace: TokenTrace) -> None:
+        """Append a sampled token with its trace and update the text and finish reason."""
+        self.output_ids.append(trace.token_id)
+        piece = self._detokenizer.push(trace.token_id)
+        if trace.token_id not in self._special_ids:
             self._visible += piece
-        return piece
+        trace.text = piece
+        self.output_trace.append(trace)
+        self._update_finish_reason(trace.token_id, trace)
 
     def _update_finish_reason(self, token_id: int, trace: TokenTrace) -> None:
         stop_at = _find_stop(self._visible, self.params.stop)
@@ -301,6 +308,96 @@ class DecodeSession:
         return self.output_trace
 
 
+class DecodeBatch:
+    """Sessions that decode together: one forward pass per step for all of them.
+
+    Sessions join with ``add`` (their prompt runs alone, then their caches
+    join the batch's) and leave when they finish or by ``remove``, at any
+    step. Each row attends only to its own positions, so a session's tokens
+    and trace do not depend on what else runs beside it.
+    """
+
+    def __init__(self, model: ConstraintModel, heads: bool = True):
+        """``heads=False`` decodes without the constraint heads (traces without scores), so that the
+        benchmark can measure what the heads cost."""
+        self.model = model
+        self.heads = heads
+        self.sessions: list[DecodeSession] = []  # row i of the caches belongs to sessions[i]
+        self._cache = model.runner.new_cache()
+        self._heads_cache = model.heads.new_cache(model.base.device)
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    @torch.inference_mode()
+    def add(self, session: DecodeSession) -> list[TokenTrace]:
+        """Run a session's prompt through both models, make it a row; return the prompt's trace."""
+        model = self.model
+        if session.params.min_scores and not self.heads:
+            raise ValueError("a batch without heads cannot apply constraint minimums")
+        prefilled = model.runner.prefill(session.prompt_ids)
+        self._cache.add(prefilled.row_cache)
+        session._next_logits = prefilled.logits[-1]
+        self.sessions.append(session)
+        if not self.heads:
+            return []
+
+        heads_out = model.heads(prefilled.tap_hidden_states.to(model.heads.readout_bias.dtype))
+        self._heads_cache.add([heads_out.cache.head_keys[0], heads_out.cache.head_values[0]])
+
+        detokenizer = IncrementalDetokenizer(model.base.tokenizer)
+        pieces = [detokenizer.push(token_id) for token_id in session.prompt_ids]
+        session.prompt_trace = model.trace_tokens(0, session.prompt_ids, pieces, [None] * len(session.prompt_ids),
+                                                  heads_out.constraint_logits[0], heads_out.attention_weights[0])
+        return session.prompt_trace
+
+    @torch.inference_mode()
+    def remove(self, session: DecodeSession) -> None:
+        row = self.sessions.index(session)
+        self._cache.remove(row)
+        if self.heads:
+            self._heads_cache.remove(row)
+        self.sessions[row] = self.sessions[-1]
+        self.sessions.pop()
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[DecodeSession, TokenTrace]]:
+        """Sample one token for every session, run them through both models, return each one's trace.
+
+        Sessions that finish with this token leave the batch.
+        """
+        if not self.sessions:
+            return []
+        model = self.model
+        logprobs = torch.log_softmax(torch.stack([s._next_logits for s in self.sessions]), dim=-1)
+        greedy = logprobs.argmax(dim=-1).tolist()  # one batched argmax costs what one row's costs
+        sampled = [session.sample(row_logprobs, greedy_id)
+                   for session, row_logprobs, greedy_id in zip(self.sessions, logprobs, greedy)]
+        token_ids = [token_id for token_id, _ in sampled]
+        positions = [session.length for session in self.sessions]
+        token_logprobs = logprobs[torch.arange(len(token_ids)), torch.tensor(token_ids)].tolist()
+
+        input_ids = torch.tensor(token_ids, device=model.base.device)
+        next_logits, tap_hidden_states = model.runner.decode(input_ids, self._cache)
+        if self.heads:
+            constraint_logits, attention = model.heads.decode_step(
+                tap_hidden_states.to(model.heads.readout_bias.dtype), self._heads_cache, model.heads_qkv)
+            traces = model.trace_rows(positions, token_ids, token_logprobs, constraint_logits, attention)
+        else:
+            traces = [TokenTrace(position, token_id, "", logprob, {}, {})
+                      for position, token_id, logprob in zip(positions, token_ids, token_logprobs)]
+
+        results = []
+        for row, (session, trace) in enumerate(zip(list(self.sessions), traces)):
+            trace.top_logprobs = sampled[row][1]
+            session._next_logits = next_logits[row]
+            session.accept(trace)
+            results.append((session, trace))
+        for session in [s for s in self.sessions if s.finished]:
+            self.remove(session)
+        return results
+
+
 class IncrementalDetokenizer:
     """Turn token ids into text pieces one token at a time.
 
@@ -337,6 +434,9 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     sorted_probs, sorted_ids = probs.sort(descending=True)
     cumulative = sorted_probs.cumsum(-1)
     outside = cumulative - sorted_probs >= top_p  # mass before this token already reaches top_p
+    # The most likely token always stays: a top_p that rounds to 0 in float32 (such as 5e-324)
+    # would otherwise remove every token and leave nothing to sample.
+    outside[..., 0] = False
     sorted_probs = sorted_probs.masked_fill(outside, 0.0)
     return torch.zeros_like(probs).scatter(-1, sorted_ids, sorted_probs)
 

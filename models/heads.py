@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn import functional as F
 
 from models.base import fingerprint_tensors
+from models.runner import PaddedRows
 
 WEIGHTS_FILE = "heads.safetensors"
 CONFIG_FILE = "heads.json"
@@ -101,6 +103,8 @@ class ConstraintHeads(nn.Module):
         return torch.cat([hidden_states[layer] for layer in self.config.tap_layers], dim=-1)
 
     def _normalise(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if len(self.norms) == 1:
+            return self.norms[0](hidden_states)
         chunks = hidden_states.split(self.config.d_model, dim=-1)
         return torch.cat([norm(chunk) for norm, chunk in zip(self.norms, chunks)], dim=-1)
 
@@ -151,6 +155,72 @@ class ConstraintHeads(nn.Module):
             constraint_logits = constraint_logits + self.token_readout(normed)
         constraint_weights = weights.view(B, C, H, t, T).mean(dim=2)
         return HeadsOutput(constraint_logits, constraint_weights, HeadsCache(key, value, new_mask))
+
+    def decode_step(self, hidden_states: torch.Tensor, cache: PaddedRows, fused_qkv: tuple[torch.Tensor, torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score one new position per row, each row at its own length; extend the padded cache.
+
+        The same computation as ``forward`` with a cache, for rows of different
+        lengths at once: the new key and value go to each row's next position,
+        and a mask hides the padding past it.
+
+        Args:
+            hidden_states: (B, 1, input_size) tap-layer states of each row's new token.
+            cache: rows of head keys and values, (R, n_heads, T, d_head) each, B == cache.rows.
+            fused_qkv: the projections as one weight and bias, from ``fused_qkv``.
+
+        Returns constraint logits (B, C) and each constraint's attention (B, C, L) over the cache's
+        L positions (its capacity: attending over all of them keeps a row's sums independent of the
+        other rows' lengths).
+        """
+        B = hidden_states.shape[0]
+        cfg = self.config
+        device = hidden_states.device
+        positions = torch.tensor(cache.lengths, device=device)
+        cache.reserve(B, max(cache.lengths) + 1)
+        L = cache.capacity[1]
+        # A batched matmul of one row per batch entry computes each row the same way at any B; a
+        # plain float32 linear does not (it switches kernels with B), and the trace must not
+        # depend on which other requests share the step.
+        weight, bias = fused_qkv  # (outputs, input_size): this layout, transposed as a view, is the
+        # one whose batched matmul was measured to give each row the same bits at any B
+        projected = torch.baddbmm(bias.expand(B, 1, -1), self._normalise(hidden_states),
+                                  weight.t().expand(B, *weight.t().shape))[:, 0]
+        width = 3 * cfg.num_heads * cfg.d_head
+        query, key, value = projected[:, :width].view(B, 3, cfg.num_heads, cfg.d_head).unbind(1)  # (B, n, d)
+        rows = torch.arange(B, device=device)
+        head_keys, head_values = cache.buffers
+        head_keys[rows, :, positions] = key
+        head_values[rows, :, positions] = value
+        for row in range(B):
+            cache.lengths[row] += 1
+
+        hidden = torch.arange(L, device=device)[None, None, None, :] > positions[:, None, None, None]  # (B, 1, 1, L)
+        scores = query[:, :, None, :] @ head_keys[:B].transpose(-1, -2) / math.sqrt(cfg.d_head)
+        scores = scores.masked_fill(hidden, torch.finfo(scores.dtype).min)
+        weights = scores.softmax(dim=-1)  # (B, n_heads, 1, L)
+        attended = weights @ head_values[:B]  # (B, n_heads, 1, d_head)
+
+        C, H = len(cfg.constraints), cfg.heads_per_constraint
+        per_constraint = attended.view(B, C, H * cfg.d_head)
+        constraint_logits = (per_constraint * self.readout_weight).sum(-1) + self.readout_bias
+        if cfg.token_readout:
+            constraint_logits = constraint_logits + projected[:, width:]
+        return constraint_logits, weights.view(B, C, H, L).mean(dim=2)
+
+    def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the query, key and value projections (and the token readout, if any) as one
+        weight (outputs, input_size) and bias: one matmul per decode step."""
+        weights = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
+        biases = [self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]
+        if self.config.token_readout:
+            weights.append(self.token_readout.weight)
+            biases.append(torch.zeros_like(self.readout_bias))
+        return torch.cat(weights), torch.cat(biases)
+
+    def new_cache(self, device: torch.device) -> PaddedRows:
+        shape = (self.config.num_heads, self.config.d_head)
+        return PaddedRows([shape, shape], self.readout_bias.dtype, device)
 
     @torch.no_grad()
     def rescale_logits(self, scale: torch.Tensor, shift: torch.Tensor) -> None:

@@ -182,7 +182,7 @@ class Metrics:
         self.queue_depth = Gauge("tracehead_queue_depth", "Requests waiting for the generation worker.",
                                  registry=registry)
         self.running_batch_size = Gauge(
-            "tracehead_running_batch_size", "Requests the worker is running now; it runs one at a time, so 0 or 1.",
+            "tracehead_running_batch_size", "Requests decoding together in the worker's batch now.",
             registry=registry)
         self.generated_tokens = Counter("tracehead_generated_tokens", "Output tokens sampled by the model.",
                                         registry=registry)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -56,6 +57,19 @@ def ensure_default_model(settings: Settings) -> None:
 
 
 def load_model(settings: Settings) -> ConstraintModel:
+    """Load the base model and heads in a thread of its own that has ended when this returns.
+
+    Torch's OpenMP runtime (libgomp) keeps a pool of threads for every thread
+    that runs parallel operations. Once more pool threads exist than CPUs, it
+    stops spinning between operations, and a decode step then waits for
+    threads to wake: that doubled its time here. Loading in a passing thread
+    leaves the generation worker's pool as the only one.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader") as loader:
+        return loader.submit(_load_model, settings).result()
+
+
+def _load_model(settings: Settings) -> ConstraintModel:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     ensure_default_model(settings)
@@ -74,6 +88,7 @@ def build_runtime(settings: Settings, model: ConstraintModel | None = None) -> R
     integrity.append_missing_leaves()
     keys = KeyStore(engine)
     log_auth_mode(settings, keys)
-    worker = GenerationWorker(model, settings.max_queue, settings.queue_retry_after_s)
+    worker = GenerationWorker(model, settings.max_queue, settings.queue_retry_after_s, settings.max_batch_size,
+                              settings.max_batch_tokens, settings.threads)
     worker.start()
     return Runtime(settings, model, model.heads.fingerprint(), worker, engine, AuditStore(engine), integrity, keys)

@@ -13,6 +13,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.base import DEFAULT_MODEL_NAME
+from models.runner import preferred_dtype
 from server.policy import Policy
 
 BUNDLED_HEADS = Path(__file__).resolve().parent.parent / "models" / "default_heads"
@@ -49,12 +50,19 @@ class Settings(BaseSettings):
                            description="Where the SQLite audit database lives unless database_url is set.")
     database_url: str | None = Field(None, description="SQLAlchemy URL of the audit store; default sqlite in data_dir.")
 
-    device: str = Field("cpu", description="Torch device: auto, cpu, cuda or cuda:N.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "float32", description="Base model precision; auto picks bfloat16 on CUDA and float32 on CPU.")
+    device: str = Field("auto", description="Torch device: auto (cuda when torch sees a GPU, else cpu), cpu, cuda "
+                                              "or cuda:N.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description=(
+        "Base model precision. auto picks bfloat16 on CUDA and on CPUs with bfloat16 matrix instructions "
+        "(AMX or AVX512-BF16), where it measured faster at every batch size, and float32 on other CPUs."))
     threads: int | None = Field(None, ge=1, description="Torch CPU threads; default lets torch decide.")
 
-    max_queue: int = Field(16, ge=1, description="Requests waiting for the worker before new ones get 429.")
+    max_batch_size: int = Field(16, ge=1, description=(
+        "Requests decoded together in one batch; more wait in the queue and join as others finish."))
+    max_batch_tokens: int = Field(16384, ge=1, description=(
+        "Key/value cache positions the batch may hold: rows x the longest row's prompt plus max_tokens. "
+        "A request that would exceed it waits; one that exceeds it alone runs when the batch is empty."))
+    max_queue: int = Field(16, ge=1, description="Requests waiting to join the batch before new ones get 429.")
     queue_retry_after_s: int = Field(2, ge=1, description="Retry-After seconds sent with a 429.")
     max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
     default_max_tokens: int = Field(128, ge=1, description="max_tokens when a request leaves it out.")
@@ -134,9 +142,7 @@ class Settings(BaseSettings):
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
-        return getattr(torch, self.dtype)
+        return preferred_dtype(self.torch_device) if self.dtype == "auto" else getattr(torch, self.dtype)
 
     @property
     def resolved_database_url(self) -> str:

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from models.base import BaseModel, fingerprint_model
-from models.decode import ConstraintModel, DecodeSession, SamplingParams
+from models.decode import ConstraintModel, DecodeBatch
 from models.heads import ConstraintHeads, HeadsConfig
 
 CONSTRAINTS = ["testifiability", "decidability", "reciprocity", "causality"]
@@ -76,15 +76,14 @@ SLOW_STEP_S = 0.1
 class SlowModel(ConstraintModel):
     """The tiny model with each decode step slowed down by SLOW_STEP_S; otherwise the same."""
 
-    def start(self, input_ids: list[int], params: SamplingParams) -> DecodeSession:
-        session = super().start(input_ids, params)
-        session.__class__ = _SlowSession
-        return session
+    def new_batch(self) -> DecodeBatch:
+        return _SlowBatch(self)
 
 
-class _SlowSession(DecodeSession):
+class _SlowBatch(DecodeBatch):
     def step(self):
-        time.sleep(SLOW_STEP_S)
+        if self.sessions:
+            time.sleep(SLOW_STEP_S)
         return super().step()
 
 

@@ -1,18 +1,20 @@
 """The audit store: judgments, their verdicts and traces in a SQL database."""
 
 from server.store.db import create_engine_for, database_revision, head_revision, upgrade_database
-from server.store.repository import (
+from server.store.records import (
     FINAL_STATUSES,
     JUDGMENT_STATUSES,
     STARTED_STATUS,
-    AuditStore,
-    InvalidCursorError,
-    JudgmentPage,
-    JudgmentQuery,
     JudgmentRecord,
     JudgmentStateError,
     StoreUnavailableError,
     VerdictRecord,
+)
+from server.store.repository import (
+    AuditStore,
+    InvalidCursorError,
+    JudgmentPage,
+    JudgmentQuery,
     new_judgment_id,
 )
 

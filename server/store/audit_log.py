@@ -13,13 +13,8 @@ from sqlalchemy.orm import Session, selectinload
 
 from server.store import integrity, merkle
 from server.store.integrity import Mismatch, SignedTreeHead, TreeHeadSigner, VerifyReport
-from server.store.repository import (
-    STARTED_STATUS,
-    JudgmentRecord,
-    StoreUnavailableError,
-    _to_record,
-    store_transaction,
-)
+from server.store.records import STARTED_STATUS, JudgmentRecord, StoreUnavailableError
+from server.store.repository import _to_record, store_transaction
 from server.store.tables import Erasure, IntegrityLeaf, Judgment, Trace
 
 logger = logging.getLogger(__name__)
@@ -127,8 +122,9 @@ class IntegrityLog:
             with store_transaction(self._engine, "append missing leaves") as session:
                 rows = session.scalars(self._missing_leaf_query().limit(VERIFY_BATCH)
                                        .options(selectinload(Judgment.verdicts), selectinload(Judgment.trace))).all()
-                for row in rows:
-                    integrity.append_leaf(session, _to_record(row, with_trace=True))
+                leaves = [integrity.new_leaf(_to_record(row, with_trace=True)) for row in rows]
+                if leaves:
+                    integrity.append_leaves(session.connection(), leaves)
             appended += len(rows)
             if len(rows) < VERIFY_BATCH:
                 break

@@ -3,6 +3,7 @@
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,11 @@ MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
 # busy_timeout is in milliseconds: a writer waits this long for another
 # connection's write lock before SQLite raises "database is locked".
 SQLITE_BUSY_TIMEOUT_MS = 5000
+# PostgreSQL compresses a value of more than about 2 kB (a 64-token trace is
+# about 50 kB) before it stores it. Inserting such traces 16 at a time took the
+# server 1.5 ms per trace with its default method, pglz, and 0.45 ms with lz4
+# (PostgreSQL 15 on a 2-core VM). Reads decompress either method.
+POSTGRESQL_TOAST_COMPRESSION = "lz4"
 
 
 def create_engine_for(url: str) -> Engine:
@@ -30,7 +36,9 @@ def create_engine_for(url: str) -> Engine:
     For a SQLite file the parent directory is created first. Every SQLite
     connection gets WAL journaling, synchronous=FULL, enforced foreign keys
     and a busy timeout. With FULL, SQLite syncs the WAL file at every commit,
-    so a committed judgment survives a killed process and an OS crash.
+    so a committed judgment survives a killed process and an OS crash. Every
+    PostgreSQL connection compresses large values with lz4 where the server
+    supports it.
     """
     parsed = make_url(url)
     is_sqlite = parsed.get_backend_name() == "sqlite"
@@ -41,6 +49,8 @@ def create_engine_for(url: str) -> Engine:
     engine = create_engine(url, pool_pre_ping=True, hide_parameters=True)
     if is_sqlite:
         event.listen(engine, "connect", _set_sqlite_pragmas)
+    elif parsed.get_backend_name() == "postgresql":
+        event.listen(engine, "connect", partial(_set_postgresql_compression, engine.dialect.dbapi.Error))
     return engine
 
 
@@ -54,6 +64,23 @@ def _set_sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
     finally:
         cursor.close()
+
+
+def _set_postgresql_compression(driver_error: type[Exception], dbapi_connection: Any,
+                                connection_record: Any) -> None:
+    """Make new values of this connection compress with lz4, or keep pglz where the server lacks lz4.
+
+    lz4 needs PostgreSQL 14 or later, built with lz4 support.
+    """
+    try:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(f"SET default_toast_compression = '{POSTGRESQL_TOAST_COMPRESSION}'")
+        dbapi_connection.commit()
+    except driver_error as exc:
+        dbapi_connection.rollback()
+        logger.warning("PostgreSQL rejected default_toast_compression=%s, so large values are compressed with "
+                       "its default method, which is slower: %s", POSTGRESQL_TOAST_COMPRESSION,
+                       str(exc).partition("\n")[0])
 
 
 def _alembic_config() -> Config:

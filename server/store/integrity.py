@@ -21,20 +21,21 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from sqlalchemy import select, update
+from sqlalchemy import Connection, bindparam, insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from server.store import merkle
 from server.store.tables import IntegrityLeaf, IntegrityState, MerkleNode, TreeHead
 
 if TYPE_CHECKING:
-    from server.store.repository import JudgmentRecord
+    from server.store.records import JudgmentRecord
 
 logger = logging.getLogger(__name__)
 
@@ -45,19 +46,43 @@ STATE_ROW_ID = 1
 
 # Hashing
 
+def canonical_text(value: Any) -> str:
+    """Serialise ``value`` the one way the hashes use: sorted keys, no spaces, no NaN, non-ASCII unescaped.
+
+    Raises ValueError for NaN or infinity and TypeError for a value that JSON cannot represent.
+    """
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def canonical_json(value: Any) -> bytes:
-    """Serialise ``value`` the one way the hashes use: sorted keys, no spaces, UTF-8, no NaN."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    """Return ``canonical_text(value)`` encoded as UTF-8: the bytes that the hashes cover."""
+    return canonical_text(value).encode()
 
 
 def utc_iso(value: datetime | None) -> str | None:
     return None if value is None else value.astimezone(timezone.utc).isoformat()
 
 
-def payload_hash(record: JudgmentRecord) -> str:
-    """Hash the erasable payload of a judgment: its prompt, output and trace."""
-    payload = {"prompt": record.prompt, "output": record.output, "trace": record.trace}
-    return hashlib.sha256(canonical_json(payload)).hexdigest()
+def payload_hash(record: JudgmentRecord, trace_json: str | None = None) -> str:
+    """Hash the erasable payload of a judgment: its prompt, output and trace.
+
+    The hash covers canonical_json({"output": ..., "prompt": ..., "trace": ...}).
+    Pass ``trace_json``, the canonical_text of the trace, when the caller has it
+    already: the trace is most of the payload, and serialising it is most of the
+    cost of hashing.
+    """
+    if trace_json is None:
+        trace_json = canonical_text(record.trace)
+    # Canonical JSON of an object is its sorted members, each serialised canonically,
+    # so the payload is built from its three members with the same bytes.
+    digest = hashlib.sha256(b'{"output":')
+    digest.update(canonical_json(record.output))
+    digest.update(b',"prompt":')
+    digest.update(canonical_json(record.prompt))
+    digest.update(b',"trace":')
+    digest.update(trace_json.encode())
+    digest.update(b"}")
+    return digest.hexdigest()
 
 
 def record_hash(record: JudgmentRecord, payload_digest: str) -> str:
@@ -81,28 +106,90 @@ def record_hash(record: JudgmentRecord, payload_digest: str) -> str:
 
 # Appending
 
-def append_leaf(session: Session, record: JudgmentRecord) -> int:
-    """Append the record's leaf and the Merkle nodes it completes; return the leaf index.
+@dataclass(frozen=True)
+class NewLeaf:
+    """The hashes of one finished judgment, ready to be appended to the log."""
 
-    Runs inside the caller's transaction, after the judgment row was written.
+    judgment_id: str
+    record_hash: str  # hex
+    payload_hash: str  # hex
+
+
+def new_leaf(record: JudgmentRecord, trace_json: str | None = None) -> NewLeaf:
+    """Hash a finished judgment for its leaf. ``trace_json`` is as for payload_hash."""
+    payload_digest = payload_hash(record, trace_json)
+    return NewLeaf(record.id, record_hash(record, payload_digest), payload_digest)
+
+
+_STATE, _LEAVES, _NODES = IntegrityState.__table__, IntegrityLeaf.__table__, MerkleNode.__table__
+_RESERVE_LEAVES = (update(_STATE).where(_STATE.c.id == STATE_ROW_ID)
+                   .values(tree_size=_STATE.c.tree_size + bindparam("count")).returning(_STATE.c.tree_size))
+_READ_LEAF = select(_LEAVES.c.leaf_hash).where(_LEAVES.c.leaf_index == bindparam("leaf_index"))
+_READ_NODES = select(_NODES.c.level, _NODES.c.node_index, _NODES.c.hash).where(
+    tuple_(_NODES.c.level, _NODES.c.node_index).in_(bindparam("nodes", expanding=True)))
+
+
+def append_leaves(connection: Connection, leaves: list[NewLeaf]) -> int:
+    """Append ``leaves`` in order, with the Merkle nodes they complete, and return the index of the first.
+
+    Runs inside the caller's transaction, after the judgment rows were
+    written. The UPDATE of ``integrity_state`` reserves consecutive indexes and
+    holds the row lock until the transaction ends.
     """
-    tree_size = session.execute(
-        update(IntegrityState).where(IntegrityState.id == STATE_ROW_ID)
-        .values(tree_size=IntegrityState.tree_size + 1).returning(IntegrityState.tree_size)
-    ).scalar_one()
-    index = tree_size - 1
+    tree_size = connection.execute(_RESERVE_LEAVES, {"count": len(leaves)}).scalar_one()
+    first = tree_size - len(leaves)
 
-    payload_digest = payload_hash(record)
-    record_digest = record_hash(record, payload_digest)
-    leaf = merkle.leaf_hash(bytes.fromhex(record_digest))
-    session.add(IntegrityLeaf(leaf_index=index, judgment_id=record.id, record_hash=record_digest,
-                              payload_hash=payload_digest, leaf_hash=leaf.hex(), hash_version=HASH_VERSION,
-                              appended_at=datetime.now(timezone.utc)))
-    session.flush()
-    nodes = merkle.nodes_completed_by(index, leaf, _NodeReader(session).node)
-    session.add_all(MerkleNode(level=level, node_index=node_index, hash=digest.hex())
-                    for level, node_index, digest in nodes)
-    return index
+    nodes = _read_merged_roots(connection, first, len(leaves))
+    appended_at = datetime.now(timezone.utc)
+    leaf_rows, node_rows = [], []
+    for index, leaf in enumerate(leaves, start=first):
+        digest = merkle.leaf_hash(bytes.fromhex(leaf.record_hash))
+        nodes[(0, index)] = digest
+        leaf_rows.append({"leaf_index": index, "judgment_id": leaf.judgment_id, "record_hash": leaf.record_hash,
+                          "payload_hash": leaf.payload_hash, "leaf_hash": digest.hex(),
+                          "hash_version": HASH_VERSION, "appended_at": appended_at})
+        for level, node_index, node in merkle.nodes_completed_by(index, digest, partial(_known_node, nodes)):
+            nodes[(level, node_index)] = node
+            node_rows.append({"level": level, "node_index": node_index, "hash": node.hex()})
+
+    connection.execute(insert(_LEAVES), leaf_rows)
+    if node_rows:
+        connection.execute(insert(_NODES), node_rows)
+    return first
+
+
+def _read_merged_roots(connection: Connection, size: int, count: int) -> dict[tuple[int, int], bytes]:
+    """Read the roots of the tree of ``size`` leaves that appending ``count`` more merges into larger nodes.
+
+    The tree of ``size`` leaves is one perfect subtree per 1 bit of ``size``,
+    largest first. Appends read no other stored node: every other left sibling
+    is a node they create themselves.
+    """
+    merged, start = [], 0
+    for level in reversed(range(size.bit_length())):
+        if size >> level & 1:
+            # The root at this level merges once the tree reaches the next multiple of 2**(level + 1).
+            if (size + count) >> (level + 1) > size >> (level + 1):
+                merged.append((level, start >> level))
+            start += 1 << level
+
+    nodes = {}
+    if merged and merged[-1][0] == 0:
+        stored = connection.execute(_READ_LEAF, {"leaf_index": size - 1}).scalar_one_or_none()
+        if stored is not None:
+            nodes[(0, size - 1)] = bytes.fromhex(stored)
+    upper = [(level, index) for level, index in merged if level > 0]
+    if upper:
+        for row in connection.execute(_READ_NODES, {"nodes": upper}):
+            nodes[(row.level, row.node_index)] = bytes.fromhex(row.hash)
+    return nodes
+
+
+def _known_node(nodes: dict[tuple[int, int], bytes], level: int, index: int) -> bytes:
+    try:
+        return nodes[(level, index)]
+    except KeyError:
+        raise LookupError(f"the integrity log has no node at level {level}, index {index}") from None
 
 
 class _NodeReader:

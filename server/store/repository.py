@@ -1,4 +1,4 @@
-"""Records of judgments and the store that saves and queries them."""
+"""The store that saves judgments and queries them."""
 
 from __future__ import annotations
 
@@ -9,88 +9,42 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from sqlalchemy import Engine, Select, select, update
+from sqlalchemy import Engine, Select, select
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, selectinload
 
-from server.store import integrity
 from server.store import queries
+from server.store.group_commit import GroupCommitter
 from server.store.queries import DailyStat
-from server.store.tables import Judgment, Trace, Verdict
+from server.store.records import (
+    FINAL_STATUSES,
+    JUDGMENT_FIELDS,
+    JUDGMENT_STATUSES,
+    STARTED_STATUS,
+    VERDICT_FIELDS,
+    JudgmentRecord,
+    StoreUnavailableError,
+    VerdictRecord,
+)
+from server.store.tables import Judgment
+from server.store.writes import PreparedWrite, prepare_write, write_group
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Layout version of the trace dict, stored with each trace row.
-TRACE_FORMAT_VERSION = 1
-
-# A streamed judgment is stored with STARTED_STATUS before its first token and
-# later gets one of FINAL_STATUSES. A one-shot judgment is saved final.
-STARTED_STATUS = "started"
-FINAL_STATUSES = ("completed", "cancelled", "failed")
-JUDGMENT_STATUSES = (STARTED_STATUS, *FINAL_STATUSES)
 # Orders of a listing or export, by id and so by creation time.
 JUDGMENT_ORDERS = ("newest", "oldest")
-
-
-@dataclass
-class VerdictRecord:
-    """The outcome of one constraint for one judgment."""
-
-    constraint: str
-    score: float
-    min_score: float
-    min_position: int
-    threshold: float
-    passed: bool
-
-
-@dataclass
-class JudgmentRecord:
-    """One generation request with its output, verdicts and trace.
-
-    Datetimes must be timezone-aware. The store returns them in UTC. A
-    streamed judgment is written to one row in two steps: ``AuditStore.start``
-    inserts it with status "started", no output, no verdicts and no trace,
-    and ``AuditStore.finish`` updates it to its final status.
-    """
-
-    id: str
-    created_at: datetime
-    # completed_at, finish_reason and latency_ms are None while status is "started".
-    completed_at: datetime | None
-    request_id: str
-    model_name: str
-    model_fingerprint: str
-    heads_name: str
-    heads_fingerprint: str
-    # {"prompt": "..."} or {"messages": [{"role": ..., "content": ...}, ...]}
-    prompt: dict[str, Any]
-    output: str
-    parameters: dict[str, Any]
-    finish_reason: str | None
-    # "started", then "completed", "cancelled" (the client disconnected, and
-    # output has the tokens generated until then) or "failed".
-    status: str
-    prompt_tokens: int
-    completion_tokens: int
-    latency_ms: float | None
-    flagged: bool
-    metadata: dict[str, str]
-    verdicts: list[VerdictRecord]
-    # None in list results, and for a judgment saved without a trace.
-    trace: dict[str, Any] | None
-    # "generation", or "score" for a text that the caller supplied.
-    kind: str = "generation"
-    # The constraint policy applied to the request and its outcome, as a JSON object.
-    policy: dict[str, Any] | None = None
-    # The tenant of the caller that made the request; "default" when the server runs without keys.
-    tenant: str = "default"
+# The maximum number of writes that one transaction commits. Writes that
+# arrive while a group commits form the next group. The server calls the store
+# from AnyIO's thread pool, which runs at most 40 calls at once by default, so
+# groups rarely reach this bound. It limits how many writes a failed group
+# commits again one at a time.
+DEFAULT_MAX_GROUP_SIZE = 64
 
 
 @dataclass
@@ -150,28 +104,8 @@ class JudgmentPage:
     next_cursor: str | None
 
 
-class StoreUnavailableError(RuntimeError):
-    """The audit database could not be reached, or a read or commit failed."""
-
-
 class InvalidCursorError(ValueError):
     """A paging cursor that this server did not issue."""
-
-
-class JudgmentStateError(RuntimeError):
-    """A finish() of a judgment that was never started or is already finished.
-
-    ``status`` is the stored status, or None if no judgment has the id.
-    """
-
-    def __init__(self, judgment_id: str, status: str | None) -> None:
-        if status is None:
-            reason = "no judgment has that id. Store it with start() before finish()"
-        else:
-            reason = f"its status is {status!r}, not {STARTED_STATUS!r}, so it was already finished"
-        super().__init__(f"Cannot finish judgment {judgment_id}: {reason}.")
-        self.judgment_id = judgment_id
-        self.status = status
 
 
 def new_judgment_id() -> str:
@@ -195,27 +129,31 @@ def new_judgment_id() -> str:
 
 
 class AuditStore:
-    """Saves judgments with their verdicts and traces, and reads them back."""
+    """Saves judgments with their verdicts and traces, and reads them back.
 
-    def __init__(self, engine: Engine) -> None:
+    Writes from concurrent threads are committed in groups: one transaction,
+    and so one fsync, for every write that waits while the previous group
+    commits. Each write still returns only once it is committed, and raises
+    only its own error. ``max_group_size`` bounds the writes in one transaction.
+    """
+
+    def __init__(self, engine: Engine, max_group_size: int = DEFAULT_MAX_GROUP_SIZE) -> None:
         self._engine = engine
+        self._writes: GroupCommitter[PreparedWrite] = GroupCommitter(self._commit_group, max_group_size)
 
     def save(self, record: JudgmentRecord) -> None:
         """Insert a finished one-shot judgment, its verdicts and its trace in one transaction.
 
-        Raises ValueError, before touching the database, for a naive datetime,
-        a missing completed_at or a status other than "completed", "cancelled"
-        or "failed". Raises StoreUnavailableError if the insert or the commit
+        The transaction may also commit other threads' writes, and returns once
+        it has committed. Raises ValueError, before touching the database, for
+        a naive datetime, a missing completed_at, a status other than
+        "completed", "cancelled" or "failed", or a NaN or infinite number in a
+        JSON field. Raises StoreUnavailableError if the insert or the commit
         fails, for example on a duplicate id. Nothing of the record is stored then.
         """
         _require_final(record, "save")
 
-        def work(session: Session) -> None:
-            session.add(_to_row(record))
-            session.flush()
-            integrity.append_leaf(session, record)
-
-        self._run(f"save judgment {record.id}", work)
+        self._writes.submit(_prepare(record, "save"))
         logger.debug("saved judgment %s with %d verdicts", record.id, len(record.verdicts))
 
     def start(self, record: JudgmentRecord) -> None:
@@ -228,43 +166,24 @@ class AuditStore:
         """
         _require_started(record)
 
-        self._run(f"start judgment {record.id}", lambda session: session.add(_to_row(record)))
+        self._writes.submit(_prepare(record, "start"))
         logger.debug("started judgment %s", record.id)
 
     def finish(self, record: JudgmentRecord) -> None:
         """Update a started judgment from every field of ``record``, and insert its verdicts and trace.
 
-        All of it happens in one transaction. The status of ``record`` must be
-        "completed", "cancelled" or "failed", with completed_at set, or
-        ValueError is raised before touching the database. Raises
-        JudgmentStateError if no judgment has the id or its stored status is
-        not "started", so a judgment is finished only once. Raises
-        StoreUnavailableError if a statement or the commit fails, and the
-        stored judgment then stays "started".
+        All of it happens in one transaction, which may also commit other
+        threads' writes. The status of ``record`` must be "completed",
+        "cancelled" or "failed", with completed_at set, and its JSON fields
+        free of NaN and infinity, or ValueError is raised before touching the
+        database. Raises JudgmentStateError if no judgment has the id or its
+        stored status is not "started", so a judgment is finished only once.
+        Raises StoreUnavailableError if a statement or the commit fails, and
+        the stored judgment then stays "started".
         """
         _require_final(record, "finish")
-        values = {name: getattr(record, name) for name in _JUDGMENT_FIELDS if name != "id"}
-        values["metadata_"] = record.metadata
-        # The status condition makes the check and the update one statement, so
-        # of two concurrent finish() calls only one updates the row.
-        statement = (
-            update(Judgment)
-            .where(Judgment.id == record.id, Judgment.status == STARTED_STATUS)
-            .values(**values)
-            .execution_options(synchronize_session=False)
-        )
 
-        def work(session: Session) -> None:
-            if session.execute(statement).rowcount != 1:
-                stored_status = session.scalar(select(Judgment.status).where(Judgment.id == record.id))
-                raise JudgmentStateError(record.id, stored_status)
-            session.add_all(_verdict_rows(record))
-            if record.trace is not None:
-                session.add(_trace_row(record))
-            session.flush()
-            integrity.append_leaf(session, record)
-
-        self._run(f"finish judgment {record.id}", work)
+        self._writes.submit(_prepare(record, "finish"))
         logger.debug("finished judgment %s as %s with %d verdicts", record.id, record.status, len(record.verdicts))
 
     def get(self, judgment_id: str, tenant: str | None = None) -> JudgmentRecord | None:
@@ -353,6 +272,26 @@ class AuditStore:
         with Session(self._engine) as session, session.begin():
             return work(session)
 
+    def _commit_group(self, group: list[PreparedWrite]) -> list[Exception | None]:
+        """Commit ``group`` in one transaction. When that fails, commit each write alone, so only its own fails."""
+        if len(group) > 1:
+            try:
+                self._in_transaction(lambda session: write_group(session.connection(), group))
+            except Exception as exc:  # the one-by-one commits below find the failing write and raise its error
+                logger.warning("A group of %d judgment writes failed (%s), so each is committed alone: %s",
+                               len(group), _describe(exc), ", ".join(write.judgment_id for write in group))
+            else:
+                return [None] * len(group)
+        return [self._commit_alone(write) for write in group]
+
+    def _commit_alone(self, write: PreparedWrite) -> Exception | None:
+        """Commit one write, and return the exception for its caller to raise, or None."""
+        try:
+            self._run(write.action, lambda session: write_group(session.connection(), [write]))
+        except Exception as exc:  # raised in the caller's thread by GroupCommitter.submit
+            return exc
+        return None
+
 
 @contextmanager
 def store_transaction(engine: Engine, action: str) -> Iterator[Session]:
@@ -369,39 +308,22 @@ def store_transaction(engine: Engine, action: str) -> Iterator[Session]:
         raise StoreUnavailableError(f"The audit store could not {action}: {_describe(exc)}") from exc
 
 
-# Columns that JudgmentRecord and the judgments table share under one name.
-_JUDGMENT_FIELDS = tuple(
-    field.name for field in fields(JudgmentRecord) if field.name not in ("metadata", "verdicts", "trace")
-)
-_VERDICT_FIELDS = tuple(field.name for field in fields(VerdictRecord))
-
-
-def _to_row(record: JudgmentRecord) -> Judgment:
-    row = Judgment(**{name: getattr(record, name) for name in _JUDGMENT_FIELDS})
-    row.metadata_ = record.metadata
-    row.verdicts = _verdict_rows(record)
-    if record.trace is not None:
-        row.trace = _trace_row(record)
-    return row
-
-
-def _verdict_rows(record: JudgmentRecord) -> list[Verdict]:
-    return [
-        Verdict(judgment_id=record.id, **{name: getattr(verdict, name) for name in _VERDICT_FIELDS})
-        for verdict in record.verdicts
-    ]
-
-
-def _trace_row(record: JudgmentRecord) -> Trace:
-    return Trace(judgment_id=record.id, format_version=TRACE_FORMAT_VERSION, data=record.trace)
+def _prepare(record: JudgmentRecord, method: str) -> PreparedWrite:
+    """Prepare the write; a value that JSON cannot represent fails as the insert of it would."""
+    try:
+        return prepare_write(record, method)
+    except TypeError as exc:
+        logger.exception("audit store failed to %s judgment %s", method, record.id)
+        raise StoreUnavailableError(f"The audit store could not {method} judgment {record.id}: "
+                                    f"{_describe(exc)}") from exc
 
 
 def _to_record(row: Judgment, with_trace: bool) -> JudgmentRecord:
     """Copy a loaded row into a record. Without ``with_trace`` the trace is not touched, so it is never loaded."""
     trace = row.trace.data if with_trace and row.trace is not None else None
-    verdicts = [VerdictRecord(**{name: getattr(verdict, name) for name in _VERDICT_FIELDS}) for verdict in row.verdicts]
+    verdicts = [VerdictRecord(**{name: getattr(verdict, name) for name in VERDICT_FIELDS}) for verdict in row.verdicts]
     return JudgmentRecord(
-        **{name: getattr(row, name) for name in _JUDGMENT_FIELDS},
+        **{name: getattr(row, name) for name in JUDGMENT_FIELDS},
         metadata=row.metadata_,
         verdicts=verdicts,
         trace=trace,
@@ -478,7 +400,7 @@ def _require_aware(value: datetime | None, name: str) -> None:
         raise ValueError(f"{name}={value.isoformat()} is a naive datetime. Pass a timezone-aware one, such as UTC.")
 
 
-def _describe(exc: SQLAlchemyError) -> str:
+def _describe(exc: Exception) -> str:
     """Return the driver's error message, which leaves out the SQL statement and its parameters."""
     if isinstance(exc, DBAPIError) and exc.orig is not None:
         return f"{type(exc.orig).__name__}: {exc.orig}"

@@ -39,9 +39,10 @@ def test_unseeded_session_records_its_seed(tiny_model):
     assert replay.output_ids == session.output_ids
 
 
-def test_tiny_top_p_equals_greedy(tiny_model):
+@pytest.mark.parametrize("top_p", [1e-6, 5e-324])  # 5e-324 is 0 once compared in float32
+def test_tiny_top_p_equals_greedy(tiny_model, top_p):
     greedy = run(tiny_model, SamplingParams(max_tokens=10, temperature=0))
-    nucleus = run(tiny_model, SamplingParams(max_tokens=10, temperature=1.0, top_p=1e-6, seed=7))
+    nucleus = run(tiny_model, SamplingParams(max_tokens=10, temperature=1.0, top_p=top_p, seed=7))
     assert nucleus.output_ids == greedy.output_ids
 
 

@@ -633,7 +633,7 @@ def test_full_queue_is_429(app, client, tiny_model):
     runtime.worker.stop()
     # An unstarted worker never drains its queue, so one queued item keeps it full.
     full_worker = GenerationWorker(tiny_model, max_queue=1, retry_after_s=3)
-    full_worker._queue.put_nowait(object())
+    full_worker._queue.append(object())
     runtime.worker = full_worker
 
     response = client.post("/v1/generate", json={"prompt": PROMPT, "max_tokens": 2})

@@ -217,7 +217,7 @@ def test_slow_reader_gets_whole_stream(live_server):
 
 
 def test_full_queue_rejects_stream_before_any_record(live_server):
-    with httpx.Client(base_url=live_server(max_queue=1), timeout=30) as http:
+    with httpx.Client(base_url=live_server(max_queue=1, max_batch_size=1), timeout=30) as http:
         running = {"prompt": PROMPT, "max_tokens": 10, "temperature": 0, "stream": True}
         with http.stream("POST", "/v1/generate", json=running) as first:
             lines = first.iter_lines()

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from models.decode import PromptTooLongError, SamplingParams
+from models.decode import DecodeBatch, PromptTooLongError, SamplingParams
 from server.errors import ApiError, QueueFullError
 from server.worker import GenerationResult, GenerationWorker, PromptEvent, TokenEvent, TokenStream
 from tests.conftest import CONSTRAINTS, TINY_CONTEXT
@@ -236,3 +236,120 @@ def test_stream_cancelled_while_queued_runs_nothing(tiny_model, input_ids):
     assert result.finish_reason == "cancelled"
     assert result.prompt_trace == []
     assert result.output_trace == []
+
+
+# Continuous batching
+
+async def watch_batch(worker: GenerationWorker, requests) -> tuple[list[GenerationResult], int, int]:
+    """Run requests while polling the worker; return results, the largest batch and the longest queue seen."""
+    tasks = [asyncio.ensure_future(request) for request in requests]
+    largest = longest_queue = 0
+    while not all(task.done() for task in tasks):
+        largest, longest_queue = max(largest, worker.running_batch_size), max(longest_queue, worker.queue_depth)
+        await asyncio.sleep(0.01)
+    return [task.result() for task in tasks], largest, longest_queue
+
+
+def slow_worker(slow_model, **limits) -> GenerationWorker:
+    worker = GenerationWorker(slow_model, max_queue=8, retry_after_s=1, **limits)
+    worker.start()
+    return worker
+
+
+def test_concurrent_requests_decode_in_one_batch(slow_model, input_ids):
+    worker = slow_worker(slow_model)
+    params = [SamplingParams(max_tokens=6, temperature=0), SamplingParams(max_tokens=4, temperature=1.0, seed=3),
+              SamplingParams(max_tokens=5, temperature=0, stop=["zz"])]
+    try:
+        alone = [asyncio.run(worker.generate(f"alone-{i}", input_ids, p)) for i, p in enumerate(params)]
+        together, largest, _ = asyncio.run(watch_batch(
+            worker, [worker.generate(f"together-{i}", input_ids, p) for i, p in enumerate(params)]))
+    finally:
+        worker.stop(timeout_s=10)
+
+    assert largest == 3
+    for one, batched in zip(alone, together):
+        assert [t.token_id for t in batched.output_trace] == [t.token_id for t in one.output_trace]
+        assert (batched.text, batched.finish_reason) == (one.text, one.finish_reason)
+
+
+def test_request_joins_and_leaves_a_running_batch(slow_model, input_ids):
+    worker = slow_worker(slow_model)
+    long, short = SamplingParams(max_tokens=12, temperature=0), SamplingParams(max_tokens=2, temperature=0)
+
+    async def join_after_two_tokens() -> tuple[GenerationResult, GenerationResult, int]:
+        stream = worker.stream("long", input_ids, long)
+        tokens, joined = 0, None
+        async for event in stream:
+            tokens += isinstance(event, TokenEvent)
+            if tokens == 2:
+                joined = asyncio.ensure_future(worker.generate("short", input_ids, short))
+            if joined is not None and joined.done() and not finished_at:
+                finished_at.append(tokens)
+        return await stream.result(), await joined, finished_at[0]
+
+    finished_at: list[int] = []
+    try:
+        alone = asyncio.run(worker.generate("alone", input_ids, long))
+        long_result, short_result, long_tokens_when_short_finished = asyncio.run(join_after_two_tokens())
+    finally:
+        worker.stop(timeout_s=10)
+
+    assert len(short_result.output_trace) == 2
+    assert long_tokens_when_short_finished < 12  # the short request left while the long one went on
+    assert [t.token_id for t in long_result.output_trace] == [t.token_id for t in alone.output_trace]
+    assert long_result.text == alone.text
+
+
+def test_batch_size_limit_queues_the_rest(slow_model, input_ids):
+    worker = slow_worker(slow_model, max_batch_size=2)
+    params = SamplingParams(max_tokens=4, temperature=0)
+    try:
+        results, largest, longest_queue = asyncio.run(watch_batch(
+            worker, [worker.generate(f"req-{i}", input_ids, params) for i in range(3)]))
+    finally:
+        worker.stop(timeout_s=10)
+
+    assert largest == 2
+    assert longest_queue == 1
+    assert all(len(result.output_trace) == 4 for result in results)
+
+
+def test_token_budget_keeps_requests_apart(slow_model, input_ids):
+    footprint = len(input_ids) + 4
+    # Room for one request, not two; and a request bigger than the whole budget still runs alone.
+    worker = slow_worker(slow_model, max_batch_tokens=2 * footprint - 1)
+    params, big = SamplingParams(max_tokens=4, temperature=0), SamplingParams(max_tokens=2 * footprint, temperature=0)
+    try:
+        results, largest, _ = asyncio.run(watch_batch(
+            worker, [worker.generate("a", input_ids, params), worker.generate("b", input_ids, params),
+                     worker.generate("big", input_ids, big)]))
+    finally:
+        worker.stop(timeout_s=10)
+
+    assert largest == 1
+    assert [len(result.output_trace) for result in results[:2]] == [4, 4]
+    assert results[2].output_trace
+
+
+def test_failed_step_fails_its_batch(tiny_model, input_ids, monkeypatch):
+    worker = GenerationWorker(tiny_model, max_queue=4, retry_after_s=1)
+    original_step, calls = DecodeBatch.step, []
+
+    def failing_once(batch):
+        calls.append(len(batch))
+        if len(calls) == 2:
+            raise RuntimeError("out of memory in the decode step")
+        return original_step(batch)
+
+    monkeypatch.setattr(DecodeBatch, "step", failing_once)
+    worker.start()
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            asyncio.run(worker.generate("fails", input_ids, SamplingParams(max_tokens=5, temperature=0)))
+        after = asyncio.run(worker.generate("after", input_ids, SamplingParams(max_tokens=3, temperature=0)))
+    finally:
+        worker.stop(timeout_s=10)
+
+    assert len(after.output_trace) == 3
+    assert worker.running_batch_size == 0

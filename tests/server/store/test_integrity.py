@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import multiprocessing
 from datetime import timedelta
 
@@ -262,6 +263,21 @@ def test_concurrent_writers_make_one_gapless_log(engine, log):
     assert report.leaves == judgments == WRITERS * RECORDS_PER_WRITER
 
 
+@pytest.mark.parametrize("trace", [
+    None,
+    {"tokens": [{"text": "caf\u00e9 \u2028 \"quoted\" \\", "logprob": -1.5e-07, "scores": {"b": 1, "a": 0.25}}]},
+    {},
+])
+def test_payload_hash_covers_whole_payload(trace):
+    record = dataclasses.replace(make_record(), trace=trace, prompt={"prompt": "na\u00efve \U0001f600"},
+                                 output="\u00dcber\nline")
+    payload = {"prompt": record.prompt, "output": record.output, "trace": trace}
+    whole = hashlib.sha256(integrity.canonical_json(payload)).hexdigest()
+
+    assert integrity.payload_hash(record) == whole
+    assert integrity.payload_hash(record, integrity.canonical_text(trace)) == whole
+
+
 def test_signing_key_file_is_created_once(tmp_path):
     path = tmp_path / "keys" / "signing-key.pem"
 
@@ -274,15 +290,15 @@ def test_signing_key_file_is_created_once(tmp_path):
 
 
 def _terminating_append(times: int):
-    """Wrap append_leaf so that its first ``times`` calls kill their own database connection first."""
+    """Wrap append_leaves so that its first ``times`` calls kill their own database connection first."""
     calls = {"count": 0}
-    original = integrity.append_leaf
+    original = integrity.append_leaves
 
-    def append(session, record):
+    def append(connection, leaves):
         calls["count"] += 1
         if calls["count"] <= times:
-            session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
-        return original(session, record)
+            connection.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+        return original(connection, leaves)
 
     return append, calls
 
@@ -291,7 +307,7 @@ def test_lost_connection_is_retried_once(postgresql_engine, monkeypatch):
     upgrade_database(postgresql_engine)
     store, log = AuditStore(postgresql_engine), IntegrityLog(postgresql_engine, None)
     append, calls = _terminating_append(times=1)
-    monkeypatch.setattr(integrity, "append_leaf", append)
+    monkeypatch.setattr(integrity, "append_leaves", append)
     record = make_record()
 
     store.save(record)
@@ -305,7 +321,7 @@ def test_connection_lost_twice_is_unavailable(postgresql_engine, monkeypatch):
     upgrade_database(postgresql_engine)
     store = AuditStore(postgresql_engine)
     append, calls = _terminating_append(times=2)
-    monkeypatch.setattr(integrity, "append_leaf", append)
+    monkeypatch.setattr(integrity, "append_leaves", append)
     record = make_record()
 
     with pytest.raises(StoreUnavailableError, match=f"could not save judgment {record.id}"):

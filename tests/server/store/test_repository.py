@@ -26,7 +26,9 @@ from server.store import (
     new_judgment_id,
     upgrade_database,
 )
-from server.store.repository import TRACE_FORMAT_VERSION, _encode_cursor
+from server.store.db import _set_postgresql_compression
+from server.store.records import TRACE_FORMAT_VERSION
+from server.store.repository import _encode_cursor
 from server.store.tables import Judgment, Trace, Verdict
 
 BASE_TIME = datetime(2026, 5, 1, 12, 0, tzinfo=timezone.utc)
@@ -421,6 +423,39 @@ def test_pragmas_on_new_connection(sqlite_engine):
         assert connection.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
         assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
         assert connection.execute(text("PRAGMA busy_timeout")).scalar() == 5000
+
+
+def test_postgresql_compresses_with_lz4(postgresql_engine):
+    with postgresql_engine.connect() as connection:
+        methods = connection.execute(
+            text("SELECT enumvals FROM pg_settings WHERE name = 'default_toast_compression'")).scalar_one()
+        method = connection.execute(text("SHOW default_toast_compression")).scalar_one()
+
+    # A server built without lz4 keeps its default, pglz.
+    assert method == ("lz4" if "lz4" in methods else "pglz")
+
+
+def test_lz4_rejected_keeps_default(caplog):
+    class DriverError(Exception):
+        pass
+
+    class Connection:
+        rolled_back = False
+
+        def cursor(self):
+            raise DriverError('invalid value for parameter "default_toast_compression": "lz4"')
+
+        def rollback(self):
+            self.rolled_back = True
+
+    connection = Connection()
+
+    with caplog.at_level(logging.WARNING, logger="server.store.db"):
+        _set_postgresql_compression(DriverError, connection, None)
+
+    assert connection.rolled_back
+    assert "rejected default_toast_compression=lz4" in caplog.text
+    assert 'invalid value for parameter "default_toast_compression"' in caplog.text
 
 
 def test_engine_creates_parent_directory(tmp_path):
