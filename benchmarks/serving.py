@@ -34,6 +34,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from sqlalchemy.exc import OperationalError
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -46,6 +47,7 @@ from server.settings import Settings  # noqa: E402
 STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
 DECODE_TOKENS = 48  # the issue's reference figures are medians over 48 greedy steps
 RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
+DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"  # the test suite's default too
 
 
 def timed(action: Callable[[], object]) -> float:
@@ -279,15 +281,21 @@ def _stream_token_times(http: httpx.Client, url: str, body: dict) -> list[float]
 # 5. Audit store
 
 def audit_store(count: int, postgres_url: str | None) -> list[dict]:
+    """Write rates on a fresh SQLite file and, when it answers, on PostgreSQL."""
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for writers in (1, 16):
             rows.append({"database": "sqlite", "writers": writers}
                         | measure_write_rate(f"sqlite:///{scratch}/writes-{writers}.db", count, writers))
-    if postgres_url:
+    if not postgres_url:
+        return rows
+    try:
         for writers in (1, 16):
             rows.append({"database": "postgresql", "writers": writers}
                         | measure_write_rate(postgres_url, count, writers))
+    except OperationalError as error:
+        print(f"PostgreSQL at {postgres_url} is unreachable, so its write rates are left out: "
+              f"{str(error).splitlines()[0]}", flush=True)
     return rows
 
 
@@ -301,6 +309,10 @@ def machine() -> dict:
                 if line.startswith("model name")), platform.processor())
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def table(results: dict) -> str:
@@ -318,11 +330,11 @@ def table(results: dict) -> str:
                  f"bare loop | {e2e['ratio']:.3f}x | <= {TARGETS['end_to_end']}x |")
     for rows in (results["concurrency"], results["concurrency_short"]):
         for row in rows:
-            lines.append(f"| {row['clients']} streaming clients, {row['max_tokens']}-token requests | "
+            lines.append(f"| {plural(row['clients'], 'streaming client')}, {row['max_tokens']}-token requests | "
                          f"{row['tok_s']:.1f} tok/s | {rows[0]['tok_s']:.1f} tok/s with 1 | {row['ratio']:.2f}x | "
                          + (f">= {TARGETS['concurrency_8']}x |" if row["clients"] == 8 else "- |"))
     for row in results["audit_store"]:
-        lines.append(f"| audit writes, {row['database']}, {row['writers']} writers | "
+        lines.append(f"| audit writes, {row['database']}, {plural(row['writers'], 'writer')} | "
                      f"{row['judgments_per_s']:.0f} judgments/s | {TARGETS['writes']:.0f} judgments/s target | "
                      f"{row['judgments_per_s'] / TARGETS['writes']:.2f}x | >= 1.00x |")
     lines.append(f"| audit write's share of an HTTP generation | {e2e['audit_save_ms']:.1f} ms | "
@@ -359,10 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.json")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--writes", type=int, default=2000, help="judgments written per audit store figure")
-    parser.add_argument("--postgres-url", default=os.environ.get("TRACEHEAD_TEST_POSTGRES_URL"),
-                        help="also time audit writes on this PostgreSQL (default $TRACEHEAD_TEST_POSTGRES_URL)")
-    parser.add_argument("--float32", action="store_true",
-                        help="also compare the loop with generate() in float32 when the default dtype is another")
+    parser.add_argument("--postgres-url", default=os.environ.get("TRACEHEAD_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL),
+                        help="also time audit writes on this PostgreSQL when it answers (default "
+                             "$TRACEHEAD_TEST_POSTGRES_URL, else %(default)s); an empty value skips it")
+    parser.add_argument("--no-float32", dest="float32", action="store_false",
+                        help="skip comparing the loop with generate() in float32 when the default dtype is another")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
