@@ -4,9 +4,9 @@ Usage (one command, under 10 minutes on a 2-core CPU):
     make bench        # or: .venv/bin/python benchmarks/serving.py
 
 Every figure is a ratio of two runs measured in this process, one after the
-other on the same machine: with heads / without, tracehead's loop /
-transformers' generate(), an HTTP request / the bare loop, N clients / one
-client. It prints a table, writes the numbers as JSON (--output) and
+other on the same machine. The pairs are: with heads / without, tracehead's
+loop / transformers' generate(), an HTTP request / the bare loop, and N
+clients / one client. It prints a table, writes the numbers as JSON (--output) and
 rewrites the results section of the docs page (--docs) between its markers.
 The server under test is a `tracehead serve` subprocess on the default
 model with a fresh SQLite store; settings come from TRACEHEAD_* variables as
@@ -45,7 +45,7 @@ from server.runtime import load_model  # noqa: E402
 from server.settings import Settings  # noqa: E402
 
 STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
-DECODE_TOKENS = 48  # the issue's reference figures are medians over 48 greedy steps
+DECODE_TOKENS = 48  # greedy tokens per decode-loop and end-to-end measurement
 RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"  # the test suite's default too
 
@@ -194,7 +194,7 @@ def _free_port() -> int:
 
 
 def end_to_end(model: ConstraintModel, server: Server, rounds: int = 5) -> dict:
-    """A non-streamed HTTP generation (heads, trace, audit commit, JSON) against the bare loop's same tokens."""
+    """Time a non-streamed HTTP generation (heads, trace, audit commit, JSON) against the bare loop's same tokens."""
     body = {"messages": STORY, "max_tokens": DECODE_TOKENS, "temperature": 0}
     http_times, bare_times, completion_tokens = [], [], 0
 
@@ -281,7 +281,7 @@ def _stream_token_times(http: httpx.Client, url: str, body: dict) -> list[float]
 # 5. Audit store
 
 def audit_store(count: int, postgres_url: str | None) -> list[dict]:
-    """Write rates on a fresh SQLite file and, when it answers, on PostgreSQL."""
+    """Measure write rates on a fresh SQLite file and, when it accepts connections, on PostgreSQL."""
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for writers in (1, 16):
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--writes", type=int, default=2000, help="judgments written per audit store figure")
     parser.add_argument("--postgres-url", default=os.environ.get("TRACEHEAD_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL),
-                        help="also time audit writes on this PostgreSQL when it answers (default "
+                        help="also time audit writes on this PostgreSQL when it accepts connections (default "
                              "$TRACEHEAD_TEST_POSTGRES_URL, else %(default)s); an empty value skips it")
     parser.add_argument("--no-float32", dest="float32", action="store_false",
                         help="skip comparing the loop with generate() in float32 when the default dtype is another")

@@ -179,9 +179,9 @@ class ConstraintHeads(nn.Module):
         positions = torch.tensor(cache.lengths, device=device)
         cache.reserve(B, max(cache.lengths) + 1)
         L = cache.capacity[1]
-        # A batched matmul of one row per batch entry computes each row the same way at any B; a
-        # plain float32 linear does not (it switches kernels with B), and the trace must not
-        # depend on which other requests share the step.
+        # A batched matmul of one row per batch entry computes each row the same way at any B. A
+        # plain float32 linear switches kernels with B, and the trace must not depend on which
+        # other requests share the step.
         weight, bias = fused_qkv  # (outputs, input_size): this layout, transposed as a view, is the
         # one whose batched matmul was measured to give each row the same bits at any B
         projected = torch.baddbmm(bias.expand(B, 1, -1), self._normalise(hidden_states),

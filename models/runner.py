@@ -4,9 +4,9 @@ A runner turns token ids into next-token logits and the tap layers' hidden
 states, keeping each row's key/value cache. Two runners share one interface:
 
 - ``LlamaRunner`` runs Llama-architecture models (the default model among
-  them) with its own lean forward: fused projections, rotary tables built
-  once, and a key/value cache preallocated for all rows and written in place,
-  so a decode step is a few dozen tensor operations per layer and rows of
+  them) with its own lean forward. It fuses projections, builds rotary tables
+  once, and writes a key/value cache preallocated for all rows in place. A
+  decode step is then a few dozen tensor operations per layer, and rows of
   different lengths decode together in one pass.
 - ``TransformersRunner`` runs any other causal LM through transformers'
   forward, one row at a time: correct for every architecture, without the
@@ -266,6 +266,7 @@ def packed_linear(weight: torch.Tensor):
     same bits as ``F.linear`` in half the time. Elsewhere (float32 on CPU,
     any dtype on CUDA) the plain matmul is used.
     """
+    # NOTE: the CUDA path (plain matmuls in bfloat16, the same batching) has not run on a GPU yet.
     if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
         packed = torch.ops.mkldnn._reorder_linear_weight(weight)
         return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
@@ -332,7 +333,7 @@ def make_runner(base: BaseModel, tap_layers: list[int]) -> LlamaRunner | Transfo
 
 
 def preferred_dtype(device: torch.device) -> torch.dtype:
-    """The fastest base-model precision on ``device``.
+    """Return the fastest base-model precision on ``device``.
 
     bfloat16 on CUDA, or float32 on GPUs without bfloat16. On CPUs with
     bfloat16 matrix instructions it is bfloat16 too: there the prepacked

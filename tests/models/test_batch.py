@@ -51,8 +51,10 @@ def bf16_model() -> ConstraintModel:
 
 
 def greedy_pairs(model: ConstraintModel, questions: list[str], max_tokens: int = 12) -> list[tuple]:
-    """Decode each question alone, then all of them in one staggered batch; pair the sessions up and
-    check that each pair has the same tokens and text."""
+    """Decode each question alone, then all of them in one staggered batch, and pair the sessions up.
+
+    Each pair must have the same tokens and text.
+    """
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     expected = [alone(model, question, params) for question in questions]
     batched = staggered(model, [(question, params) for question in questions])
