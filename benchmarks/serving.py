@@ -9,8 +9,8 @@ loop / transformers' generate(), an HTTP request / the bare loop, and N
 clients / one client. It prints a table, writes the numbers as JSON (--output) and
 rewrites the results section of the docs page (--docs) between its markers.
 The server under test is a `tracehead serve` subprocess on the default
-model with a fresh SQLite store; settings come from TRACEHEAD_* variables as
-for the server (TRACEHEAD_DTYPE, TRACEHEAD_DEVICE, TRACEHEAD_THREADS).
+model with a fresh SQLite store. Its settings come from TRACEHEAD_* variables,
+as for any server (TRACEHEAD_DTYPE, TRACEHEAD_DEVICE, TRACEHEAD_THREADS).
 """
 
 from __future__ import annotations

@@ -153,27 +153,18 @@ class ConstraintModel:
             constraint_logits: (t, C) for the positions start .. start + t - 1.
             attention_weights: (C, t, T) each constraint's attention over all positions.
         """
-        scores = torch.sigmoid(constraint_logits.float()).tolist()
-        k = min(self.top_k_attention, attention_weights.shape[-1])
-        top_weights, top_positions = attention_weights.float().topk(k, dim=-1)  # (C, t, k)
-        top_weights, top_positions = top_weights.tolist(), top_positions.tolist()
-        traces = []
-        for offset, token_id in enumerate(token_ids):
-            attention = {}
-            for c, constraint in enumerate(self.constraints):
-                visible = min(k, start + offset + 1)  # a token attends only to itself and earlier ones
-                attention[constraint] = list(zip(top_positions[c][offset][:visible], top_weights[c][offset][:visible]))
-            traces.append(TokenTrace(start + offset, token_id, pieces[offset], logprobs[offset],
-                                     dict(zip(self.constraints, scores[offset])), attention))
+        positions = list(range(start, start + len(token_ids)))
+        traces = self.trace_rows(positions, token_ids, logprobs, constraint_logits, attention_weights.transpose(0, 1))
+        for trace, piece in zip(traces, pieces):
+            trace.text = piece
         return traces
 
-
-    def trace_rows(self, positions: list[int], token_ids: list[int], logprobs: list[float],
+    def trace_rows(self, positions: list[int], token_ids: list[int], logprobs: list[float | None],
                    constraint_logits: torch.Tensor, attention_weights: torch.Tensor) -> list[TokenTrace]:
-        """Token traces of one decode step, one per row, with their text left for the session to fill.
+        """Return one token trace per (position, token), with the text left empty for the caller to fill.
 
         Args:
-            constraint_logits: (B, C) of each row's new token.
+            constraint_logits: (B, C), one row per token: a decode step's rows, or a prompt's positions.
             attention_weights: (B, C, L) each constraint's attention over the first L positions.
         """
         scores = torch.sigmoid(constraint_logits.float()).tolist()
