@@ -64,7 +64,7 @@ def add_observability_middleware(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(RequestContextMiddleware)
     if settings.trusted_proxies:
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
-    app.add_middleware(RootPathMiddleware, root_path=settings.root_path, trusted_proxies=settings.trusted_proxies)
+    app.add_middleware(RootPathMiddleware, root_path=settings.root_path, trusted_networks=settings.trusted_networks)
 
 
 async def _sign_tree_heads(runtime) -> None:

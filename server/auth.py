@@ -7,7 +7,6 @@ caller's tenant from the Principal they receive.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -18,6 +17,7 @@ from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from server.errors import ApiError
+from server.observability import direct_peer, is_trusted_proxy
 from server.settings import Settings
 from server.store.keys import AUDIT_ADMIN_SCOPE, AUDIT_READ_SCOPE, GENERATE_SCOPE, SCOPES, KeyStore
 
@@ -112,8 +112,9 @@ def _gateway_principal(request: Request, settings: Settings) -> Principal | None
     consumer = request.headers.get(settings.gateway_consumer_header)
     if consumer is None:
         return None
-    peer = request.client.host if request.client else None
-    if not _is_trusted(peer, settings.trusted_proxies):
+    # The connection's own peer, never X-Forwarded-For's client: the gateway connects, the caller does not.
+    peer = direct_peer(request.scope)
+    if not is_trusted_proxy(peer, settings.trusted_networks):
         logger.debug("Request %s: ignored %s from untrusted peer %s", request.state.request_id,
                      settings.gateway_consumer_header, peer)
         return None
@@ -125,16 +126,6 @@ def _gateway_principal(request: Request, settings: Settings) -> Principal | None
     granted = {scope.strip() for scope in request.headers.get(settings.gateway_scopes_header, "").split(",")}
     return Principal(f"gateway:{consumer.strip()}", consumer.strip(), tenant, frozenset(granted & set(SCOPES)),
                      "gateway")
-
-
-def _is_trusted(peer: str | None, trusted_proxies: list[str]) -> bool:
-    if peer is None or not trusted_proxies:
-        return False
-    try:
-        address = ipaddress.ip_address(peer)
-    except ValueError:  # a test client or a Unix socket has no IP address
-        return False
-    return any(address in ipaddress.ip_network(entry, strict=False) for entry in trusted_proxies)
 
 
 def _unauthenticated(message: str, code: str) -> ApiError:

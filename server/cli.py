@@ -222,6 +222,18 @@ def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
+    from server.settings import environment_table, replace_environment_table
+
+    if args.write_readme is None:
+        print(environment_table(), end="")
+        return 0
+    readme = Path(args.write_readme)
+    readme.write_text(replace_environment_table(readme.read_text()))
+    print(f"Wrote the environment table to {readme}")
+    return 0
+
+
 def _aware_datetime(value: str) -> datetime:
     try:
         parsed = datetime.fromisoformat(value)
@@ -436,6 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     db = commands.add_parser("db", help="manage the audit database").add_subparsers(dest="action", required=True)
     upgrade = db.add_parser("upgrade", help="apply every pending migration")
     upgrade.set_defaults(handler=cmd_db_upgrade)
+
+    settings = commands.add_parser("settings", help="print every TRACEHEAD_* variable as a Markdown table")
+    settings.add_argument("--write-readme", metavar="PATH", help="replace the table between the markers in PATH")
+    settings.set_defaults(handler=cmd_settings)
 
     _add_audit_commands(commands)
     add_keys_commands(commands)

@@ -126,27 +126,39 @@ def is_trusted_proxy(host: str | None, networks: list[ipaddress.IPv4Network | ip
     return any(address in network for network in networks)
 
 
+# Scope key of the address that opened the connection. ProxyHeadersMiddleware replaces scope["client"]
+# with the forwarded client, but trust in a gateway's headers depends on who connected.
+DIRECT_PEER = "tracehead.direct_peer"
+
+
+def direct_peer(scope: Scope) -> str | None:
+    """The address that opened the connection, before any forwarded header replaced the client."""
+    return scope[DIRECT_PEER] if DIRECT_PEER in scope else _client_host(scope)
+
+
 class RootPathMiddleware:
-    """Set the request's root_path: X-Forwarded-Prefix from a trusted proxy, else the root_path setting.
+    """Record the direct peer, and set the root_path: X-Forwarded-Prefix from a trusted proxy, else the setting.
 
     Routes match with or without the prefix in the path, so a proxy may strip it or
     pass it on. It must run before uvicorn's ProxyHeadersMiddleware, which replaces
-    the peer address that the trust check reads.
+    the peer address that the trust checks read.
     """
 
-    def __init__(self, app: ASGIApp, root_path: str, trusted_proxies: list[str]):
+    def __init__(self, app: ASGIApp, root_path: str,
+                 trusted_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]):
         self.app = app
         self.root_path = root_path
-        self.networks = [ipaddress.ip_network(entry, strict=False) for entry in trusted_proxies]
+        self.networks = trusted_networks
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
 
+        scope[DIRECT_PEER] = _client_host(scope)
         if self.root_path:
             scope["root_path"] = self.root_path
-        if is_trusted_proxy(_client_host(scope), self.networks):
+        if is_trusted_proxy(scope[DIRECT_PEER], self.networks):
             prefix = next((value.decode("latin-1") for name, value in scope["headers"]
                            if name == b"x-forwarded-prefix"), "").strip().rstrip("/")
             if prefix.startswith("/"):

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from models.base import BaseModel, fingerprint_model
+from models.base import BaseModel, fingerprint_model, is_model_dir_complete
 from models.decode import ConstraintModel, DecodeBatch
 from models.heads import ConstraintHeads, HeadsConfig
+from server.settings import Settings
+from tests.environment import skip_or_fail
 
 CONSTRAINTS = ["testifiability", "decidability", "reciprocity", "causality"]
 CHAT_TEMPLATE = (
@@ -90,3 +93,12 @@ class _SlowBatch(DecodeBatch):
 @pytest.fixture(scope="session")
 def slow_model(tiny_model: ConstraintModel) -> SlowModel:
     return SlowModel(tiny_model.base, tiny_model.heads, top_k_attention=tiny_model.top_k_attention)
+
+
+@pytest.fixture(scope="module")
+def default_model_path() -> str:
+    """Directory of the fetched default model; the end-to-end tests run it."""
+    path = Settings().model_path
+    if not is_model_dir_complete(Path(path)):
+        skip_or_fail(f"default model not fetched to {path}; run `tracehead models fetch` (make test does)")
+    return path

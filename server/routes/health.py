@@ -11,7 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
-from server.store import database_revision, head_revision
+from server.store import database_revision, head_revision, is_newer_revision
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ async def readyz(request: Request) -> JSONResponse:
                   "migrations": "not checked"}
     else:
         checks = await run_in_threadpool(_check_runtime, runtime)
-    ready = all(result == "ok" for result in checks.values())
+    ready = all(result == "ok" or result.startswith("ok:") for result in checks.values())
     if not ready:
         logger.warning("Not ready: %s", checks)
     return JSONResponse({"status": "ok" if ready else "unavailable", "checks": checks},
@@ -55,8 +55,14 @@ def _check_runtime(runtime) -> dict[str, str]:
 
     checks["database"] = "ok"
     revision, head = database_revision(runtime.engine), head_revision()
-    checks["migrations"] = "ok" if revision == head else (
-        f"behind: the database is at revision {revision}, the server needs {head}; run `tracehead db upgrade`")
+    if revision == head:
+        checks["migrations"] = "ok"
+    elif is_newer_revision(revision):
+        # A newer release migrated the database; during a rolling upgrade this replica keeps serving.
+        checks["migrations"] = f"ok: the database is at revision {revision}, newer than this server's {head}"
+    else:
+        checks["migrations"] = (f"behind: the database is at revision {revision}, the server needs {head}; "
+                                "run `tracehead db upgrade`")
     return checks
 
 

@@ -1,6 +1,6 @@
 """The audit store: judgments, their verdicts and traces in a SQL database."""
 
-from server.store.db import create_engine_for, database_revision, head_revision, upgrade_database
+from server.store.db import create_engine_for, database_revision, head_revision, is_newer_revision, upgrade_database
 from server.store.records import (
     FINAL_STATUSES,
     JUDGMENT_STATUSES,
@@ -34,5 +34,6 @@ __all__ = [
     "database_revision",
     "head_revision",
     "new_judgment_id",
+    "is_newer_revision",
     "upgrade_database",
 ]

@@ -11,7 +11,8 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, create_engine, event
+from alembic.util.exc import CommandError as AlembicError
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 
 import migrations
@@ -28,6 +29,9 @@ SQLITE_BUSY_TIMEOUT_MS = 5000
 # server 1.5 ms per trace with its default method, pglz, and 0.45 ms with lz4
 # (PostgreSQL 15 on a 2-core VM). Reads decompress either method.
 POSTGRESQL_TOAST_COMPRESSION = "lz4"
+# Key of the PostgreSQL advisory lock that serialises migrations; any constant that
+# no other lock user picks ("th" in ASCII).
+MIGRATION_LOCK_KEY = 0x7468
 
 
 def create_engine_for(url: str) -> Engine:
@@ -91,10 +95,19 @@ def _alembic_config() -> Config:
 
 
 def upgrade_database(engine: Engine) -> None:
-    """Apply all pending Alembic revisions to the database of ``engine``."""
+    """Apply all pending Alembic revisions to the database of ``engine``.
+
+    A database at a revision this server does not know was migrated by a newer
+    release: during a rolling upgrade the older replicas keep serving on it, so
+    it is left alone with a warning.
+    """
     current, head = database_revision(engine), head_revision()
     if current == head:
         logger.info("database schema is at revision %s", head)
+        return
+    if is_newer_revision(current):
+        logger.warning("database schema is at revision %s, which this release does not know (its newest is %s); "
+                       "leaving it as it is, as a newer release migrated it", current, head)
         return
     logger.info("upgrading database schema from revision %s to %s", current, head)
     run_migrations(engine, command.upgrade, "head")
@@ -106,6 +119,10 @@ def run_migrations(engine: Engine, action: Callable[[Config, str], None], revisi
     config = _alembic_config()
     with engine.connect() as connection, sqlite_foreign_keys_off(connection):
         with connection.begin():
+            if connection.dialect.name == "postgresql":
+                # Replicas starting together would each run the same migration; the lock makes them take
+                # turns, and a replica that waited finds the schema already at head. It ends with the transaction.
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
             config.attributes["connection"] = connection
             action(config, revision)
 
@@ -137,6 +154,16 @@ def database_revision(engine: Engine) -> str | None:
     """Return the Alembic revision of the database, or None if it has none yet."""
     with engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
+
+
+def is_newer_revision(revision: str | None) -> bool:
+    """Whether ``revision`` is missing from this release's migrations, so a newer release wrote it."""
+    if revision is None:
+        return False
+    try:
+        return ScriptDirectory.from_config(_alembic_config()).get_revision(revision) is None
+    except AlembicError:
+        return True
 
 
 def head_revision() -> str:

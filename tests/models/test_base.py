@@ -1,6 +1,7 @@
 import torch
 
-from models.base import FINGERPRINT_FILE, fetch_default_model, default_model_dir, load_base_model
+import models.base as base_module
+from models.base import FINGERPRINT_FILE, default_model_dir, fetch_default_model, load_base_model
 from tests.conftest import build_tiny_base
 
 
@@ -30,3 +31,22 @@ def test_fetch_skips_complete_directory(tmp_path):
     messages = []
     assert fetch_default_model(tmp_path, progress=messages.append) == target
     assert messages == [f"Default model already present at {target}"]
+
+
+def test_fetched_files_are_readable_by_other_users(tmp_path, monkeypatch):
+    """A cache mounted into a container runs as another uid than the one that fetched it."""
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"")
+
+    def convert(gguf_path, output_dir, progress):
+        output_dir.mkdir()
+        for name in ("config.json", "model.safetensors", FINGERPRINT_FILE):
+            (output_dir / name).write_text("{}")
+            (output_dir / name).chmod(0o600)  # as safetensors leaves the weights
+
+    monkeypatch.setattr(base_module, "_download_gguf", lambda scratch_dir, progress: gguf)
+    monkeypatch.setattr(base_module, "_convert_gguf", convert)
+    target = fetch_default_model(tmp_path / "cache", progress=lambda message: None)
+
+    assert {path.name: path.stat().st_mode & 0o777 for path in target.iterdir()} == {
+        "config.json": 0o644, "model.safetensors": 0o644, FINGERPRINT_FILE: 0o644}

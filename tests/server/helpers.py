@@ -106,9 +106,11 @@ def start_server(data_dir: Path, port: int, **settings: str) -> subprocess.Popen
         if process.poll() is not None:
             raise AssertionError(f"server exited with {process.returncode}:\n{Path(log.name).read_text()}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/judgments", timeout=2).status_code == 200:
+            # /readyz needs no API key, so this also waits for a server started with TRACEHEAD_AUTH=keys.
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
                 return process
         except httpx.TransportError:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)  # not listening yet, or /readyz returned 503 while the model loads
     process.kill()
     raise AssertionError("server did not become ready within 180 s")

@@ -199,6 +199,18 @@ def test_trusted_gateway_identity_is_used(tmp_path, tiny_model):
     assert_error(erase, 403, type="permission_error", code="missing_scope", fragments=("audit:admin",))
 
 
+def test_gateway_identity_is_trusted_by_the_gateway_address_not_the_forwarded_client(tmp_path, tiny_model):
+    """Behind a gateway X-Forwarded-For names the caller, outside the trusted networks; the gateway connected."""
+    forwarded = GATEWAY_HEADERS | {"X-Forwarded-For": "203.0.113.9"}
+    with gateway_client(tmp_path, tiny_model, "10.1.2.3") as client:
+        models = client.get("/v1/models", headers=forwarded)
+    with gateway_client(tmp_path, tiny_model, "192.0.2.7") as client:
+        spoofed = client.get("/v1/models", headers=GATEWAY_HEADERS | {"X-Forwarded-For": "10.1.2.3"})
+
+    assert models.status_code == 200, models.text
+    assert_error(spoofed, 401, type="authentication_error", code="missing_api_key")
+
+
 def test_untrusted_peer_gateway_headers_are_ignored(tmp_path, tiny_model):
     with gateway_client(tmp_path, tiny_model, "192.0.2.7") as client:
         response = client.get("/v1/models", headers=GATEWAY_HEADERS)

@@ -216,15 +216,27 @@ def test_readyz_database_unreachable(app, client, tmp_path):
 
 def test_readyz_migrations_behind(app, client):
     with app.state.runtime.engine.begin() as connection:
-        connection.execute(text("UPDATE alembic_version SET version_num = 'older'"))
+        connection.execute(text("UPDATE alembic_version SET version_num = '0005'"))
 
     response = client.get("/readyz")
 
     assert response.status_code == 503
     checks = response.json()["checks"]
     assert checks["database"] == "ok"
-    assert checks["migrations"] == (f"behind: the database is at revision older, the server needs {head_revision()}; "
+    assert checks["migrations"] == (f"behind: the database is at revision 0005, the server needs {head_revision()}; "
                                     "run `tracehead db upgrade`")
+
+
+def test_readyz_stays_ready_on_a_database_a_newer_release_migrated(app, client):
+    """During a rolling upgrade the first new replica migrates; the old ones must keep serving."""
+    with app.state.runtime.engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+
+    response = client.get("/readyz")
+
+    assert response.status_code == 200
+    assert response.json()["checks"]["migrations"] == (
+        f"ok: the database is at revision 0099, newer than this server's {head_revision()}")
 
 
 # Metrics

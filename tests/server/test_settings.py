@@ -1,10 +1,12 @@
-"""Device and precision selection, and the batching limits, as the settings resolve them."""
+"""Device and precision selection, the batching limits, and the environment table the README shows."""
+
+from pathlib import Path
 
 import pytest
 import torch
 from pydantic import ValidationError
 
-from server.settings import Settings
+from server.settings import Settings, environment_table, replace_environment_table
 
 
 @pytest.fixture
@@ -65,3 +67,28 @@ def test_explicit_dtype_wins_over_auto(no_gpu, monkeypatch):
 def test_batching_limits_must_be_positive(field):
     with pytest.raises(ValidationError, match=field):
         Settings(**{field: 0})
+
+
+def test_readme_environment_table_matches_settings():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+    assert replace_environment_table(readme) == readme, (
+        "README.md's environment table differs from server/settings.py; "
+        "run `.venv/bin/tracehead settings --write-readme README.md`")
+
+
+def test_environment_table_has_a_row_per_setting_with_values_and_default():
+    rows = environment_table().splitlines()[2:]
+
+    assert [row.split(" | ")[0].strip("| `") for row in rows] == [
+        "TRACEHEAD_" + name.upper() for name in Settings.model_fields]
+    by_name = {row.split(" | ")[0].strip("| `"): row.split(" | ") for row in rows}
+    assert by_name["TRACEHEAD_PORT"][1:3] == ["integer ≥ 1, ≤ 65535", "`8000`"]
+    assert by_name["TRACEHEAD_LOG_FORMAT"][1] == "`text`, `json`"
+    assert by_name["TRACEHEAD_THREADS"][1:3] == ["integer ≥ 1", "torch's default"]
+    assert by_name["TRACEHEAD_ROOT_PATH"][2] == "empty"
+
+
+def test_replacing_the_table_needs_both_markers():
+    with pytest.raises(ValueError, match="settings-table:start"):
+        replace_environment_table("# a README without the table\n")

@@ -1,9 +1,12 @@
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, Engine, inspect, text
 
-from server.store import database_revision, head_revision, upgrade_database
+from server.store import create_engine_for, database_revision, head_revision, upgrade_database
 from server.store.db import _alembic_config, run_migrations
 from server.store.tables import Base
 
@@ -257,3 +260,38 @@ def test_tenant_migration_downgrades(engine):
     assert "api_keys" not in table_names(engine)
     assert "tenant" not in {column["name"] for column in inspect(engine).get_columns("judgments")}
     assert "ix_judgments_tenant_created_at" not in index_names(engine, "judgments")
+
+
+def test_upgrade_leaves_a_database_of_a_newer_release_alone(engine, caplog):
+    upgrade_database(engine)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+
+    upgrade_database(engine)
+
+    assert database_revision(engine) == "0099"
+    assert "which this release does not know" in caplog.text
+
+
+def test_replicas_upgrading_at_once_take_turns(postgresql_engine):
+    """Replicas that start together each run the upgrade; the advisory lock lets one migrate, the rest find head."""
+    # Without the lock the upgrades wait on each other's table locks for good; lock_timeout turns that
+    # into an error, so a regression fails here instead of hanging.
+    url = postgresql_engine.url
+    url = url.update_query_dict({"options": f"{url.query['options']} -clock_timeout=30s"})
+    engine = create_engine_for(url.render_as_string(hide_password=False))
+    start = threading.Barrier(4)
+
+    def upgrade() -> None:
+        start.wait()
+        upgrade_database(engine)
+
+    try:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            for future in [pool.submit(upgrade) for _ in range(4)]:
+                future.result()
+    finally:
+        engine.dispose()
+
+    assert database_revision(postgresql_engine) == head_revision()
+    assert table_names(postgresql_engine) == STORE_TABLES | {"alembic_version"}
