@@ -15,7 +15,7 @@ from server.errors import install_error_handlers
 from server.generation import shut_down
 from server.limits import BodySizeLimitMiddleware
 from server.observability import RequestContextMiddleware, RootPathMiddleware
-from server.routes import audit, generate, health, judgments, openai
+from server.routes import audit, generate, health, judgments, openai, ui
 from server.runtime import build_runtime
 from server.settings import Settings
 from server.store import StoreUnavailableError
@@ -49,6 +49,7 @@ def create_app(settings: Settings | None = None, model: ConstraintModel | None =
     app.include_router(audit.router)
     app.include_router(judgments.router)
     app.include_router(openai.router)
+    app.include_router(ui.router)
 
     app.include_router(health.router)
     add_observability_middleware(app, settings)

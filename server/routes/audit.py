@@ -59,6 +59,31 @@ async def inclusion_proof(judgment_id: str, runtime: RuntimeDep, caller: AuditRe
             "root_hash": root}
 
 
+@router.get("/v1/judgments/{judgment_id}/verification")
+async def verification(judgment_id: str, runtime: RuntimeDep, caller: AuditReader,
+                       tree_size: Annotated[int | None, Query(ge=1, description=(
+                           "Size of a signed tree head to check against; default the latest."))] = None) -> dict:
+    """Recompute the judgment's leaf from the stored record and check its inclusion in a signed tree head.
+
+    ``status`` is verified, failed (``reason`` says what) or pending (``reason``
+    says why a check could not run: a stream still in progress, or a head that
+    does not cover the leaf yet). Each of ``checks`` is true, false or null
+    where it did not run.
+    """
+    try:
+        check = await run_in_threadpool(runtime.integrity.check_judgment, judgment_id, caller.tenant, tree_size)
+    except JudgmentNotFoundError:
+        raise ApiError(404, f"judgment {judgment_id[:80]!r} not found; list judgments with GET /v1/judgments",
+                       type="not_found_error", param="judgment_id", code="judgment_not_found") from None
+    except ProofRangeError as exc:
+        raise ApiError(422, str(exc), param="tree_size", code="invalid_value") from None
+    head = None if check.head is None else check.head.as_dict() | {"algorithm": "Ed25519"}
+    return {"judgment_id": judgment_id, "status": check.status,
+            "reason": "; ".join(check.problems) or check.pending, "erased": check.erased,
+            "leaf_index": check.leaf_index, "tree_head": head,
+            "checks": {"record": check.record, "inclusion": check.inclusion, "signature": check.signature}}
+
+
 class EraseRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

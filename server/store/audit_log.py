@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import Engine, delete, func, select, update
@@ -41,6 +41,32 @@ class InclusionProof:
     record_hash: str
     leaf_hash: str
     audit_path: list[str]  # hex, RFC 6962 order
+
+
+@dataclass
+class JudgmentCheck:
+    """One judgment checked against a signed tree head.
+
+    Each check is True or False, or None where it could not run; ``pending``
+    says why a check could not run, and ``problems`` what failed.
+    """
+
+    judgment_id: str
+    erased: bool
+    leaf_index: int | None = None
+    head: SignedTreeHead | None = None
+    record: bool | None = None  # the leaf recomputed from the stored judgment matches the logged leaf
+    inclusion: bool | None = None  # the audit path leads from the leaf to the head's root
+    signature: bool | None = None  # the head's signature verifies with the server's public key
+    problems: list[str] = field(default_factory=list)
+    pending: str | None = None
+
+    @property
+    def status(self) -> str:
+        """"failed" when any check failed, else "pending" when one could not run, else "verified"."""
+        if self.problems:
+            return "failed"
+        return "pending" if self.pending else "verified"
 
 
 @dataclass
@@ -112,6 +138,77 @@ class IntegrityLog:
             if not 0 <= size <= current:
                 raise ProofRangeError(f"size must be between 0 and the log's size {current}; got {size}")
             return integrity.root_at(session, size).hex()
+
+    def check_judgment(self, judgment_id: str, tenant: str | None = None,
+                       tree_size: int | None = None) -> JudgmentCheck:
+        """Recompute one judgment's leaf from its stored record and check it against a signed tree head.
+
+        The head is the one signed at ``tree_size``, by default the latest (signed
+        now when the log has grown). Raises JudgmentNotFoundError for an unknown
+        id or another tenant's judgment, and ProofRangeError when no head was
+        signed at ``tree_size``.
+        """
+        latest = self.tree_head() if tree_size is None and self.signer is not None else None
+        with store_transaction(self._engine, f"check judgment {judgment_id}") as session:
+            stored = session.execute(select(Judgment.tenant, Judgment.status)
+                                     .where(Judgment.id == judgment_id)).one_or_none()
+            if stored is None or (tenant is not None and stored.tenant != tenant):
+                raise JudgmentNotFoundError(judgment_id)
+            head = latest or self._head_for_check(session, tree_size)
+            leaf = session.scalar(select(IntegrityLeaf).where(IntegrityLeaf.judgment_id == judgment_id))
+            check = JudgmentCheck(judgment_id, session.get(Erasure, judgment_id) is not None, head=head)
+            if leaf is None:
+                _no_leaf_yet(check, stored.status)
+                return check
+            check.leaf_index = leaf.leaf_index
+            self._check_record(session, check, leaf)
+            self._check_inclusion(session, check, leaf)
+        self._check_signature(check)
+        return check
+
+    @staticmethod
+    def _head_for_check(session: Session, tree_size: int | None) -> SignedTreeHead | None:
+        if tree_size is None:
+            return integrity.latest_head(session)
+        head = integrity.head_at(session, tree_size)
+        if head is None:
+            latest = integrity.latest_head(session)
+            raise ProofRangeError(f"no tree head was signed at size {tree_size}; the latest signed head has size "
+                                  f"{latest.tree_size if latest else 0} (GET /v1/audit/tree-head), or leave "
+                                  "tree_size out to use it")
+        return head
+
+    def _check_record(self, session: Session, check: JudgmentCheck, leaf: IntegrityLeaf) -> None:
+        record = self._load_records(session, [check.judgment_id])[check.judgment_id]
+        problem = record if isinstance(record, str) else integrity.check_leaf(record, leaf, check.erased)
+        check.record = problem is None
+        if problem is not None:
+            check.problems.append(f"the judgment (leaf {leaf.leaf_index}): {problem}")
+
+    @staticmethod
+    def _check_inclusion(session: Session, check: JudgmentCheck, leaf: IntegrityLeaf) -> None:
+        head = check.head
+        if head is None or head.tree_size <= leaf.leaf_index:
+            signed = "no tree head is signed yet" if head is None else f"the tree head covers {head.tree_size} leaves"
+            check.pending = f"{signed}, and the judgment is leaf {leaf.leaf_index}; a newer head will cover it"
+            return
+        path = integrity.inclusion_proof(session, leaf.leaf_index, head.tree_size)
+        check.inclusion = merkle.verify_inclusion(bytes.fromhex(leaf.leaf_hash), leaf.leaf_index, head.tree_size,
+                                                  path, bytes.fromhex(head.root_hash))
+        if not check.inclusion:
+            check.problems.append(f"the audit path of leaf {leaf.leaf_index} does not lead to the root signed at "
+                                  f"size {head.tree_size}")
+
+    def _check_signature(self, check: JudgmentCheck) -> None:
+        if check.head is None or check.inclusion is None:
+            return
+        if self.signer is None:
+            check.pending = check.pending or "no signing key is loaded, so the head's signature cannot be checked"
+            return
+        check.signature = integrity.verify_head_signature(check.head, self.signer.public_key_bytes)
+        if not check.signature:
+            check.problems.append(f"the tree head at size {check.head.tree_size} has an invalid signature for the "
+                                  "server's key")
 
     # Appending what older revisions left without a leaf
 
@@ -295,6 +392,15 @@ class IntegrityLog:
                 break
         logger.info("Retention erased the payloads of %d judgments created before %s", erased, cutoff.isoformat())
         return erased
+
+
+def _no_leaf_yet(check: JudgmentCheck, status: str) -> None:
+    if status == STARTED_STATUS:
+        check.pending = ("the judgment is still started (a stream in progress, or one whose final commit failed), "
+                         "so it has no leaf in the log yet")
+    else:
+        check.record = False
+        check.problems.append(f"the judgment is {status} but has no leaf in the integrity log")
 
 
 def _in_tenant(session: Session, judgment_id: str, tenant: str | None) -> bool:

@@ -180,6 +180,8 @@ def test_image_serves_and_stores_a_judgment(podman, image, default_model_path, t
         container.wait_ready(port, timeout_s=300)
         body = generate_and_read_back(port)
 
+        # The web page's files are package data, so they must be in the installed image too.
+        assert httpx.get(f"http://127.0.0.1:{port}/ui/app.js", timeout=10).status_code == 200
         assert container.run("id", "-u").stdout.strip() == str(CONTAINER_UID)
         assert podman_command(podman, "healthcheck", "run", container.name).returncode == 0
         # The judgment is in the SQLite store of the mounted data directory.

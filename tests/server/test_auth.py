@@ -36,6 +36,7 @@ ROUTES = {
     ("GET", "/v1/judgments/stats"): (AUDIT_READ_SCOPE, {}),
     ("GET", "/v1/judgments/{judgment_id}"): (AUDIT_READ_SCOPE, {}),
     ("GET", "/v1/judgments/{judgment_id}/proof"): (AUDIT_READ_SCOPE, {}),
+    ("GET", "/v1/judgments/{judgment_id}/verification"): (AUDIT_READ_SCOPE, {}),
     ("GET", "/v1/audit/public-key"): (AUDIT_READ_SCOPE, {}),
     ("GET", "/v1/audit/tree-head"): (AUDIT_READ_SCOPE, {}),
     ("GET", "/v1/audit/consistency"): (AUDIT_READ_SCOPE, {"params": {"first": 1, "second": 1}}),

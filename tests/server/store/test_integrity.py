@@ -171,6 +171,32 @@ def test_edit_with_recomputed_leaf_breaks_signed_root(saved, log, engine):
     assert any("no longer hash to the root signed at size 7" in problem for problem in problems)
 
 
+def test_check_forged_leaf_fails(saved, log, engine):
+    log.tree_head()
+    target = saved[2]
+    forged = dataclasses.replace(target, output="changed")
+    payload = integrity.payload_hash(forged)
+    record = integrity.record_hash(forged, payload)
+    execute(engine, "UPDATE judgments SET output = 'changed' WHERE id = :id", id=target.id)
+    execute(engine, "UPDATE integrity_leaves SET payload_hash = :p, record_hash = :r, leaf_hash = :l "
+            "WHERE judgment_id = :id", p=payload, r=record, l=merkle.leaf_hash(bytes.fromhex(record)).hex(),
+            id=target.id)
+
+    check = log.check_judgment(target.id)
+
+    assert (check.record, check.inclusion, check.signature) == (True, False, True)
+    assert check.status == "failed"
+    assert check.problems == ["the audit path of leaf 2 does not lead to the root signed at size 7"]
+    # Leaf 5's path reads the stored node over leaves 0 to 3, not the forged leaf.
+    assert log.check_judgment(saved[5].id).status == "verified"
+
+
+def test_check_other_tenant_not_found(saved, log):
+    with pytest.raises(JudgmentNotFoundError):
+        log.check_judgment(saved[0].id, tenant="someone-else")
+    assert log.check_judgment(saved[0].id, tenant=saved[0].tenant).status == "verified"
+
+
 def test_erased_payload_still_verifies(saved, log, store):
     target = saved[1]
     proof_before = log.inclusion_proof(target.id)
