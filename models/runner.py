@@ -333,14 +333,16 @@ def make_runner(base: BaseModel, tap_layers: list[int]) -> LlamaRunner | Transfo
 
 
 def preferred_dtype(device: torch.device) -> torch.dtype:
-    """Return the fastest base-model precision on ``device``.
+    """Return the default base-model precision on ``device``.
 
     bfloat16 on CUDA, or float32 on GPUs without bfloat16. On CPUs with AMX
     it is bfloat16 too: there the prepacked bfloat16 matmul measured 1.2x
-    float32's decode speed at batch 1 and 2x at batch 8 on the default model.
-    Other CPUs get float32, AVX512-BF16 ones included: on an AMD EPYC with
-    AVX512-BF16 and no AMX, bfloat16 decoded 8-19% slower than float32 at
-    batch 1.
+    float32's decode speed at batch 1 and 2x at batch 8 on the default model,
+    and it computes a row to the same bits at any batch size. Other CPUs get
+    float32, AVX512-BF16 ones included. On an AMD EPYC with AVX512-BF16 and no
+    AMX, bfloat16 decoded 2.4x faster than float32, but a request's logprobs
+    changed with the batch it ran in, and the default model's greedy answer to
+    "What is the capital of France?" no longer named Paris.
     """
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32

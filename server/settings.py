@@ -60,8 +60,8 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="Torch device: auto (cuda when torch sees a GPU, else cpu), cpu, cuda "
                                               "or cuda:N.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description=(
-        "Base model precision. auto picks bfloat16 on CUDA and on CPUs with AMX, where it measured faster at "
-        "every batch size, and float32 on other CPUs."))
+        "Base model precision. auto picks bfloat16 on CUDA and on CPUs with AMX, and float32 on other CPUs, "
+        "where bfloat16 results change with the batch a request runs in."))
     threads: int | None = Field(None, ge=1, description="Torch CPU threads of the generation worker.",
                                 json_schema_extra={"default_doc": "torch's default"})
 

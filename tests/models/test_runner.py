@@ -148,7 +148,7 @@ def test_dtype_on_cpu_follows_bfloat16_support(monkeypatch):
     assert preferred_dtype(torch.device("cpu")) == torch.float32
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
-    assert preferred_dtype(torch.device("cpu")) == torch.float32  # measured slower than float32 without AMX
+    assert preferred_dtype(torch.device("cpu")) == torch.float32  # batch-dependent results without AMX
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     assert preferred_dtype(torch.device("cpu")) == torch.bfloat16
