@@ -52,8 +52,10 @@ RUN apt-get update \
 COPY --from=build /opt/tracehead /opt/tracehead
 
 # The defaults a container needs; every other setting keeps its laptop default (see the README's table).
+# Production mode requires API keys, since a published port reaches beyond this machine.
 ENV PATH=/opt/tracehead/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    TRACEHEAD_MODE=production \
     TRACEHEAD_HOST=0.0.0.0 \
     TRACEHEAD_PORT=8000 \
     TRACEHEAD_CACHE_DIR=/var/cache/tracehead \

@@ -1,6 +1,7 @@
 """Engine setup and schema migrations for the audit store."""
 
 import logging
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -47,7 +48,7 @@ def create_engine_for(url: str) -> Engine:
     parsed = make_url(url)
     is_sqlite = parsed.get_backend_name() == "sqlite"
     if is_sqlite and parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
-        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        _writable_directory(Path(parsed.database).expanduser().parent)
 
     # hide_parameters keeps prompts and outputs out of error messages and logs.
     engine = create_engine(url, pool_pre_ping=True, hide_parameters=True)
@@ -56,6 +57,24 @@ def create_engine_for(url: str) -> Engine:
     elif parsed.get_backend_name() == "postgresql":
         event.listen(engine, "connect", partial(_set_postgresql_compression, engine.dialect.dbapi.Error))
     return engine
+
+
+def _writable_directory(directory: Path) -> None:
+    """Create ``directory`` if missing; raise a RuntimeError that names it when this process cannot write there.
+
+    SQLite itself reports only "unable to open database file", which names neither
+    the directory nor the user, the two things to fix (a container volume owned by
+    another uid, say).
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except PermissionError:
+        pass
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise RuntimeError(
+            f"the SQLite audit store's directory {directory} is missing or not writable by this process "
+            f"(uid {os.getuid()}); make it writable (for a container volume: chown it to that uid), or set "
+            "TRACEHEAD_DATA_DIR or TRACEHEAD_DATABASE_URL elsewhere")
 
 
 def _set_sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
@@ -120,8 +139,8 @@ def run_migrations(engine: Engine, action: Callable[[Config, str], None], revisi
     with engine.connect() as connection, sqlite_foreign_keys_off(connection):
         with connection.begin():
             if connection.dialect.name == "postgresql":
-                # Replicas starting together would each run the same migration; the lock makes them take
-                # turns, and a replica that waited finds the schema already at head. It ends with the transaction.
+                # Replicas that start together would each run the same migration. The lock, held until the
+                # transaction ends, makes them take turns, so a replica that waited finds the schema at head.
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
             config.attributes["connection"] = connection
             action(config, revision)

@@ -159,7 +159,7 @@ class JudgmentView {
         this.legend),
       this.chart,
       h("p", { class: "hint" }, "Click a token, or Tab to the tokens, move with the arrow keys and press Enter, to see " +
-        "which earlier tokens each head attended to."),
+        "which tokens, up to and including that one, each head attended to."),
       h("div", { class: "token-layout" }, this.stream.element, this.why),
       this.announcer);
   }
@@ -230,7 +230,7 @@ class JudgmentView {
   whyView(token) {
     const title = h("h3", { id: "why-title" }, "Why");
     if (!token) {
-      return [title, h("p", {}, "Select a token to see, for each constraint, which earlier tokens its head attended to.")];
+      return [title, h("p", {}, "Select a token to see, for each constraint, which tokens up to it its head attended to.")];
     }
     const sections = this.constraints.map((name) => {
       const value = token.scores[name];
@@ -247,7 +247,7 @@ class JudgmentView {
     return [title,
       h("p", { class: "why-token" }, `Token ${tokenName(token)}, ${this.part(token)}` +
         (token.logprob === null || token.logprob === undefined ? "" : `, logprob ${token.logprob.toFixed(3)}`)),
-      h("p", { class: "hint" }, "Each head's heaviest earlier positions, with the attention weight (mean over that " +
+      h("p", { class: "hint" }, "Each head's heaviest positions up to this token, with the attention weight (mean over that " +
         "constraint's heads). Select one to go to it."),
       ...sections];
   }

@@ -33,6 +33,7 @@ def test_runtime_stage_settings_load_and_match_exposed_port():
     settings = assert_settings_env(environment)
     assert re.search(rf"^EXPOSE {settings.port}$", stage, re.MULTILINE)
     assert settings.host == "0.0.0.0"  # reachable through the container's published port
+    assert settings.auth == "keys"  # so a published port never serves without keys
 
 
 def test_runtime_stage_user_is_not_root():

@@ -144,6 +144,15 @@ class Container:
     def run(self, *args: str) -> subprocess.CompletedProcess:
         return podman_command(self.podman, "exec", self.name, *args)
 
+    def create_key(self) -> dict[str, str]:
+        """Create an API key with the image's CLI, as an operator would, and return its header."""
+        created = self.run("tracehead", "keys", "create", "--name", "image-test", "--tenant", "acme",
+                           "--scope", "generate", "--scope", "audit:read")
+        assert created.returncode == 0, created.stdout + created.stderr
+        secret = re.search(r"\bth_\S+", created.stdout)
+        assert secret, created.stdout
+        return {"Authorization": f"Bearer {secret.group(0)}"}
+
     def stop(self, grace_s: int) -> int:
         """SIGTERM, wait up to ``grace_s``, and return the exit code."""
         podman_command(self.podman, "stop", "-t", str(grace_s), self.name, timeout=grace_s + 60)
@@ -153,14 +162,14 @@ class Container:
         podman_command(self.podman, "rm", "-f", self.name)
 
 
-def generate_and_read_back(port: int) -> dict:
+def generate_and_read_back(port: int, headers: dict[str, str]) -> dict:
     """One generation, and the same judgment read back from the audit store."""
-    response = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json=QUESTION, timeout=120)
+    response = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json=QUESTION, headers=headers, timeout=120)
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["usage"]["completion_tokens"] > 0
 
-    stored = httpx.get(f"http://127.0.0.1:{port}/v1/judgments/{body['id']}", timeout=10)
+    stored = httpx.get(f"http://127.0.0.1:{port}/v1/judgments/{body['id']}", headers=headers, timeout=10)
     assert stored.status_code == 200, stored.text
     assert stored.json()["trace"] == body["trace"]
     assert stored.json()["text"] == body["text"]
@@ -178,7 +187,10 @@ def test_image_serves_and_stores_a_judgment(podman, image, default_model_path, t
                           "-v", f"{cache}:/var/cache/tracehead", "-v", f"{data}:/var/lib/tracehead")
     try:
         container.wait_ready(port, timeout_s=300)
-        body = generate_and_read_back(port)
+        # The image runs in production mode: without a key every route but the health checks is refused.
+        refused = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json=QUESTION, timeout=30)
+        assert refused.status_code == 401, refused.text
+        body = generate_and_read_back(port, container.create_key())
 
         # The web page's files are package data, so they must be in the installed image too.
         assert httpx.get(f"http://127.0.0.1:{port}/ui/app.js", timeout=10).status_code == 200
@@ -213,7 +225,7 @@ def test_image_fetches_model_into_empty_cache_volume(podman, image, tmp_path):
     container = Container(podman, image, *options)
     try:
         container.wait_ready(port, timeout_s=600)
-        generate_and_read_back(port)
+        generate_and_read_back(port, container.create_key())
         assert "Default model ready at /var/cache/tracehead/models/" in container.logs()
         assert podman_command(podman, "healthcheck", "run", container.name).returncode == 0
     finally:

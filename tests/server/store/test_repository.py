@@ -1,5 +1,6 @@
 import dataclasses
 import logging
+import os
 import pickle
 import re
 import signal
@@ -26,6 +27,7 @@ from server.store import (
     new_judgment_id,
     upgrade_database,
 )
+import server.store.db as db_module
 from server.store.db import _set_postgresql_compression
 from server.store.records import TRACE_FORMAT_VERSION
 from server.store.repository import _encode_cursor
@@ -724,3 +726,13 @@ def test_final_write_rejects_invalid_record(store, engine, method, changes, mess
 def test_query_rejects_unknown_status():
     with pytest.raises(ValueError, match="status='done' is not a judgment status. Use one of 'started', 'completed'"):
         JudgmentQuery(status="done")
+
+
+def test_unwritable_sqlite_directory_names_directory_and_uid(tmp_path, monkeypatch):
+    """As in a container whose volume belongs to another uid: the error names the directory and the uid."""
+    # Root may write anywhere, so the access check returns what it would for a user without write access.
+    monkeypatch.setattr(db_module.os, "access", lambda path, mode: False)
+
+    with pytest.raises(RuntimeError, match=f"{tmp_path / 'data'} is missing or not writable by this process "
+                                           rf"\(uid {os.getuid()}\)"):
+        create_engine_for(f"sqlite:///{tmp_path / 'data' / 'tracehead.db'}")
