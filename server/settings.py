@@ -185,7 +185,7 @@ ENVIRONMENT_TABLE_END = "<!-- settings-table:end -->"
 
 
 def environment_table() -> str:
-    """Every setting as a Markdown table row: variable, default and meaning, in declaration order."""
+    """Render every setting as a Markdown table row (variable, values, default, meaning) in declaration order."""
     rows = ["| variable | values | default | meaning |", "| --- | --- | --- | --- |"]
     for name, field in Settings.model_fields.items():
         variable = Settings.model_config["env_prefix"] + name.upper()
@@ -195,7 +195,7 @@ def environment_table() -> str:
 
 
 def _values_text(field) -> str:
-    """What a variable accepts: the choices of a Literal, else the type with its bounds."""
+    """Describe what a variable accepts: the choices of a Literal, else the type with its bounds."""
     annotation = field.annotation
     if get_origin(annotation) in (Union, UnionType):
         annotation = next(arg for arg in get_args(annotation) if arg is not type(None))
@@ -209,7 +209,7 @@ def _values_text(field) -> str:
 
 
 def _default_text(field) -> str:
-    """A default as the table shows it: a documented phrase where it depends on the machine, else the value."""
+    """Format a default for the table: a documented phrase where it depends on the machine, else the value."""
     documented = (field.json_schema_extra or {}).get("default_doc")
     if documented:
         return documented

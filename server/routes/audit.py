@@ -65,8 +65,8 @@ async def verification(judgment_id: str, runtime: RuntimeDep, caller: AuditReade
                            "Size of a signed tree head to check against; default the latest."))] = None) -> dict:
     """Recompute the judgment's leaf from the stored record and check its inclusion in a signed tree head.
 
-    ``status`` is verified, failed (``reason`` says what) or pending (``reason``
-    says why a check could not run: a stream still in progress, or a head that
+    ``status`` is verified, failed (``reason`` names the failure) or pending
+    (``reason`` gives why a check could not run: a stream still in progress, or a head that
     does not cover the leaf yet). Each of ``checks`` is true, false or null
     where it did not run.
     """

@@ -176,7 +176,7 @@ def database_revision(engine: Engine) -> str | None:
 
 
 def is_newer_revision(revision: str | None) -> bool:
-    """Whether ``revision`` is missing from this release's migrations, so a newer release wrote it."""
+    """Return whether ``revision`` is missing from this release's migrations, so a newer release wrote it."""
     if revision is None:
         return False
     try:

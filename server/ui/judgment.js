@@ -343,7 +343,8 @@ function inputView(input) {
 
 function integrityView(result) {
   const head = result.head;
-  const mark = (ok) => (ok === true ? "✓ passed" : ok === false ? "✗ failed" : "– not run");
+  const MARKS = new Map([[true, "✓ passed"], [false, "✗ failed"]]);
+  const mark = (ok) => MARKS.get(ok) ?? "– not run";
   const views = [
     h("p", { class: `integrity-status status-${result.status}` }, h("strong", {}, result.status), result.reason ?
       `: ${result.reason}` : result.status === "verified" ? ": the judgment is in the signed log, unchanged." : ""),

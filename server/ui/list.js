@@ -222,7 +222,12 @@ function pager(page, params, earlier, app) {
   const next = h("button", { type: "button", id: "next", disabled: !page.next_cursor,
     onclick: () => go(page.next_cursor, [...earlier, current]) }, "Next page");
   // A reloaded page keeps its cursor but may have lost the earlier ones.
-  const label = !current ? "Page 1" : earlier.length ? `Page ${earlier.length + 1}` : "A later page";
+  let label = "A later page";
+  if (!current) {
+    label = "Page 1";
+  } else if (earlier.length) {
+    label = `Page ${earlier.length + 1}`;
+  }
   return h("nav", { class: "pager", "aria-label": "Pages" }, previous,
     h("span", { id: "page-label" }, `${label} · ${page.data.length} shown`), next);
 }

@@ -138,7 +138,7 @@ class Container:
                     return
             except httpx.TransportError:
                 pass
-            time.sleep(1)  # not listening yet, or /readyz answered 503 while the model loads
+            time.sleep(1)  # not listening yet, or /readyz returned 503 while the model loads
         raise AssertionError(f"container not ready within {timeout_s} s:\n{self.logs()[-4000:]}")
 
     def run(self, *args: str) -> subprocess.CompletedProcess:

@@ -200,7 +200,7 @@ def test_trusted_gateway_identity_is_used(tmp_path, tiny_model):
     assert_error(erase, 403, type="permission_error", code="missing_scope", fragments=("audit:admin",))
 
 
-def test_gateway_identity_is_trusted_by_the_gateway_address_not_the_forwarded_client(tmp_path, tiny_model):
+def test_gateway_trust_uses_connection_peer(tmp_path, tiny_model):
     """Behind a gateway X-Forwarded-For names the caller, outside the trusted networks; the gateway connected."""
     forwarded = GATEWAY_HEADERS | {"X-Forwarded-For": "203.0.113.9"}
     with gateway_client(tmp_path, tiny_model, "10.1.2.3") as client:

@@ -262,7 +262,7 @@ def test_tenant_migration_downgrades(engine):
     assert "ix_judgments_tenant_created_at" not in index_names(engine, "judgments")
 
 
-def test_upgrade_leaves_a_database_of_a_newer_release_alone(engine, caplog):
+def test_upgrade_skips_newer_release_database(engine, caplog):
     upgrade_database(engine)
     with engine.begin() as connection:
         connection.execute(text("UPDATE alembic_version SET version_num = '0099'"))
@@ -275,8 +275,8 @@ def test_upgrade_leaves_a_database_of_a_newer_release_alone(engine, caplog):
 
 def test_replicas_upgrading_at_once_take_turns(postgresql_engine):
     """Replicas that start together each run the upgrade; the advisory lock lets one migrate, the rest find head."""
-    # Without the lock the upgrades wait on each other's table locks for good; lock_timeout turns that
-    # into an error, so a regression fails here instead of hanging.
+    # Without the lock the upgrades wait on each other's table locks for good. lock_timeout turns that
+    # wait into an error, so a regression fails here instead of hanging.
     url = postgresql_engine.url
     url = url.update_query_dict({"options": f"{url.query['options']} -clock_timeout=30s"})
     engine = create_engine_for(url.render_as_string(hide_password=False))
