@@ -1,7 +1,7 @@
 """Take docs/ui-judgment.png: the web page's judgment view of a real judgment of the default model.
 
 Starts `tracehead serve` on the default model with a temporary data dir on a
-free port of 127.0.0.1, asks a chat question at temperature 0 (trying the
+free port of 127.0.0.1, sends a chat question at temperature 0 (trying the
 next question until a constraint fails), opens the judgment's page in headless
 Chromium (the system package, driven by Playwright, which downloads nothing),
 selects the lowest-scoring token of the first failed constraint and saves the

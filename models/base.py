@@ -118,8 +118,8 @@ def fetch_default_model(cache_dir: Path, progress: Progress = logger.info) -> Pa
         gguf_path = _download_gguf(scratch_dir, progress)
         staging = scratch_dir / "model"
         _convert_gguf(gguf_path, staging, progress)
-        # safetensors writes the weights owner-only (0600); a cache shared with the server's own
-        # user, or mounted into a container that runs as another uid, needs them readable.
+        # safetensors writes the weights owner-only (0600). A cache mounted into a container that
+        # runs as another uid, or shared with the server's own user, needs them readable.
         for path in staging.iterdir():
             path.chmod(0o644)
         if target.exists():

@@ -341,7 +341,7 @@ def preferred_dtype(device: torch.device) -> torch.dtype:
     and it computes a row to the same bits at any batch size. Other CPUs get
     float32, AVX512-BF16 ones included. On an AMD EPYC with AVX512-BF16 and no
     AMX, bfloat16 decoded 2.4x faster than float32, but a request's logprobs
-    changed with the batch it ran in, and the default model's greedy answer to
+    changed with the batch it ran in, and the default model's greedy reply to
     "What is the capital of France?" no longer named Paris.
     """
     if device.type == "cuda":

@@ -132,7 +132,7 @@ DIRECT_PEER = "tracehead.direct_peer"
 
 
 def direct_peer(scope: Scope) -> str | None:
-    """The address that opened the connection, before any forwarded header replaced the client."""
+    """Return the address that opened the connection, before any forwarded header replaced the client."""
     return scope[DIRECT_PEER] if DIRECT_PEER in scope else _client_host(scope)
 
 

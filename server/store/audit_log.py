@@ -47,8 +47,8 @@ class InclusionProof:
 class JudgmentCheck:
     """One judgment checked against a signed tree head.
 
-    Each check is True or False, or None where it could not run; ``pending``
-    says why a check could not run, and ``problems`` what failed.
+    Each check is True or False, or None where it could not run. ``pending``
+    gives the reason a check could not run, and ``problems`` lists what failed.
     """
 
     judgment_id: str

@@ -32,7 +32,7 @@ CHAT = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content
 FORGED_IDENTITY = {"X-Consumer-ID": "mallory", "X-Tenant-ID": "acme", "X-Consumer-Scopes": "generate,audit:read"}
 # tracehead trusts the gateway's loopback address, as it would trust the gateway's address in production.
 # A caller on the same machine connects from there too, so the identity headers it sends straight to
-# tracehead count; through the gateway only the gateway's removal of them keeps a forged one out.
+# tracehead count. Through the gateway, only the gateway's removal of them keeps a forged one out.
 TRUSTED_PROXIES = '["127.0.0.1"]'
 
 

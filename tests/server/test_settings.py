@@ -77,7 +77,7 @@ def test_readme_environment_table_matches_settings():
         "run `.venv/bin/tracehead settings --write-readme README.md`")
 
 
-def test_environment_table_has_a_row_per_setting_with_values_and_default():
+def test_environment_table_rows_per_setting():
     rows = environment_table().splitlines()[2:]
 
     assert [row.split(" | ")[0].strip("| `") for row in rows] == [
